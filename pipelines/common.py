@@ -1,0 +1,92 @@
+"""What every stage's entry point shares: argument parsing, help, error reporting."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+from kadapter.config import Config, ConfigError, load_config, section_class, to_plain
+from kadapter.io import InputError
+
+DEFAULT_CONFIG = "configs/sample.yaml"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass (litgpt style)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body if tree.body else []
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def usage(module: str, section: str) -> str:
+    cls = section_class(section)
+    docs = field_docs(cls)
+    lines = [
+        f"usage: python -m {module} [--config PATH] [--key value ...]",
+        "",
+        f"--config PATH     preset file (default {DEFAULT_CONFIG})",
+        f"Keys of section '{section}' (override with --key value or --{section}.key value;",
+        "other sections with --section.key value; values are YAML):",
+    ]
+    defaults = to_plain(cls()) if _has_all_defaults(cls) else {}
+    for field in dataclasses.fields(cls):
+        default = f" [default {defaults[field.name]!r}]" if field.name in defaults else ""
+        lines.append(f"  --{field.name}{default}")
+        if field.name in docs:
+            lines.append(textwrap.fill(docs[field.name], 88, initial_indent=" " * 6,
+                                       subsequent_indent=" " * 6))
+    return "\n".join(lines)
+
+
+def _has_all_defaults(cls: type) -> bool:
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in dataclasses.fields(cls)
+    )
+
+
+def parse_stage_args(module: str, section: str, argv: list[str] | None = None) -> Config:
+    """``[--config PATH] [--key value ...]`` -> a validated Config."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage(module, section))
+        raise SystemExit(0)
+    config_path = DEFAULT_CONFIG
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("command line: --config needs a path")
+        config_path = argv[i + 1]
+        del argv[i : i + 2]
+    if not Path(config_path).is_file():
+        raise ConfigError(f"config file {config_path!r} not found")
+    return load_config(config_path, argv, default_section=section)
+
+
+def run_stage(module: str, section: str, main: Callable[[Config], object],
+              argv: list[str] | None = None) -> None:
+    """Parse the command line, run ``main(config)``; report user errors without a traceback."""
+    try:
+        config = parse_stage_args(module, section, argv)
+        main(config)
+    except (ConfigError, InputError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

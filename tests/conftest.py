@@ -1,0 +1,32 @@
+"""Fixtures shared by every test module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The real public reference files live beside the checkout (../shared/real), never inside it.
+SHARED_REAL = REPO.parent / "shared" / "real"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_real() -> Path:
+    """``../shared/real``; tests that read it are skipped, with a message, when it is absent."""
+    if not SHARED_REAL.is_dir():
+        pytest.skip(f"real reference files not found at {SHARED_REAL}")
+    return SHARED_REAL
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The sample preset's tiny RoBERTa (built once from data/sample, then reused)."""
+    from kadapter.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(REPO / "data/models/tiny-roberta", REPO / "data/sample")
