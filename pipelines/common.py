@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -84,6 +85,9 @@ def parse_stage_args(module: str, section: str, argv: list[str] | None = None) -
 def run_stage(module: str, section: str, main: Callable[[Config], object],
               argv: list[str] | None = None) -> None:
     """Parse the command line, run ``main(config)``; report user errors without a traceback."""
+    # transformers' load reports and weight-loading bars drown a stage's own output.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         config = parse_stage_args(module, section, argv)
         main(config)
