@@ -14,13 +14,16 @@ from pipelines.common import run_stage
 def main(config: Config) -> None:
     from transformers import AutoTokenizer
 
-    from kadapter.tiny import ensure_tiny_model
+    from kadapter.tiny import STAMP_FILE, ensure_tiny_model
 
     model = config.model
     if model.name_or_path != "tiny":
         print(f"model is {model.name_or_path!r}, not 'tiny': nothing to build")
         return
     out = ensure_tiny_model(model.tiny_dir, model.tiny_corpus)
+    # Refresh the stamp's mtime so make sees the target as newer than its sources even
+    # when the build was already current (a sample file touched but unchanged).
+    (out / STAMP_FILE).touch()
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     print(f"tiny model ready at {out} (vocabulary {len(tokenizer)} tokens)")
 
