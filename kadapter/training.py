@@ -1,0 +1,684 @@
+"""The generic Accelerate training loop shared by adapter pretraining and fine-tuning.
+
+API
+---
+::
+
+    from kadapter.training import FeatureTable, PadCollator, TrainingConfig, make_accelerator, train
+
+    accelerator = make_accelerator(config)          # bf16 autocast on CUDA when config.bf16
+    result = train(
+        config,                     # TrainingConfig, or a config dataclass that subclasses it
+        model=trainable,            # nn.Module with every trained weight; goes through
+                                    # accelerator.prepare (DDP). Pretraining: adapter + head.
+                                    # Fine-tuning: encoder + frozen adapters + head (frozen
+                                    # adapters inside it with requires_grad False).
+        train_data=train_table,     # FeatureTable (or any Sequence of feature dicts)
+        dev_data=dev_table,         # or None: no evaluation
+        collate=PadCollator({"input_ids": pad_id, "labels": -100}),
+        loss_fn=loss_fn,            # (model, batch, frozen_out) -> scalar loss tensor
+        predict_fn=predict_fn,      # (model, batch, frozen_out) -> {name: (B, ...) tensor}
+        metrics_fn=metrics_fn,      # ({name: np.ndarray over the whole dev set}) -> {metric: float}
+        frozen=encoder,             # optional module kept OUT of prepare: moved to the device
+        frozen_dtype=torch.bfloat16,#   (and cast, e.g. bf16 on CUDA), eval mode, no grad
+        frozen_forward=encode,      # (frozen, batch) -> anything; run under torch.no_grad()
+        output_dir=run_dir,         # checkpoints/, metrics.jsonl, tensorboard/, curves.png, best/
+        seed=config_seed,
+        resume=False,               # True: continue from output_dir/checkpoints/<latest>
+        accelerator=accelerator,
+    )
+    result.model                    # the unwrapped trained module (best-on-dev weights when
+                                    # config.select_metric is set), on accelerator.device
+
+Contract of the callables:
+
+- ``collate(list_of_features) -> dict[str, Tensor]``; the dict must hold ``attention_mask``
+  (real tokens are counted from it for tokens/s). ``PadCollator`` pads ragged columns to
+  the longest example of the batch (dynamic padding) and stacks scalar columns.
+- ``loss_fn`` and ``predict_fn`` must call ``model(...)`` itself (its ``forward``), never
+  only its sub-modules: DDP synchronises gradients through that call. ``predict_fn`` gets
+  the *unwrapped* model (no DDP collectives in evaluation) and runs under ``no_grad``.
+- ``predict_fn`` returns tensors whose first dimension is the batch and whose other
+  dimensions are the same for every batch (e.g. predicted and gold labels (B,), or per
+  example counts). The loop concatenates them over the whole dev set, in dev-set order,
+  gathered from every process, and hands numpy arrays to ``metrics_fn``. Every process
+  gets the same metrics. Higher is better for ``select_metric``.
+
+What the loop does (one optimizer step = ``grad_accumulation`` micro-batches per process):
+
+- AdamW (no weight decay on biases and LayerNorm weights), linear warm-up then linear
+  decay to 0; ``scheduler.step()`` runs after ``optimizer.step()``; gradient clipping.
+- Length-grouped batches: each epoch the examples are shuffled (seeded by seed and
+  epoch), cut into mega-batches of ``MEGABATCH`` batches, sorted by length inside each,
+  split into batches, and the batch order shuffled; so a batch holds similar lengths and
+  padding is small. Process k of n takes batches k, k+n, ... (whole batches, so grouping
+  survives sharding); the last ``len % n`` batches of an epoch are dropped when n > 1 so
+  that every process takes the same number of steps.
+- Gradient accumulation with ``accelerator.no_sync`` on all but the last micro-batch of a
+  step; an epoch's leftover micro-batches form a last, shorter step.
+- Every ``log_every`` steps: mean loss, learning rate and real (non-pad) tokens/s over
+  all processes -> ``metrics.jsonl`` (``{"kind": "train", ...}``), TensorBoard, tqdm bar.
+- Evaluation every ``eval_every`` steps, at each epoch's end and at the end ->
+  ``metrics.jsonl`` (``{"kind": "dev", ...}``) and TensorBoard. With ``select_metric``,
+  the trainable weights of the best evaluation are kept in ``best/`` and restored at the
+  end.
+- Checkpoints every ``save_every`` steps and at the end: ``accelerator.save_state`` (model,
+  optimizer, RNG of every process) plus the scheduler and ``training_state.json`` (step,
+  epoch, batch position inside the epoch, best value, token and time counters), written to
+  ``checkpoints/step-XXXXXXXX`` via a temporary directory and a rename; the newest
+  ``keep_checkpoints`` are kept. ``resume=True`` loads the latest one, skips the batches
+  already seen, truncates ``metrics.jsonl`` to its step, and continues: the final weights
+  equal those of an uninterrupted run with the same seed. ``output_dir`` must be on a
+  filesystem that every node sees.
+- Only the main process prints, writes logs and plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from kadapter.io import atomic_write_bytes, atomic_write_json, read_json
+
+MEGABATCH = 50  # batches per length-sorting window: big enough to group, small enough to mix
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.json"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+BEST_DIR = "best"
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, batching, logging and checkpointing of one training run."""
+
+    learning_rate: float = 2e-5
+    """Peak learning rate of AdamW (reached after warm-up)."""
+    batch_size: int = 32
+    """Examples per micro-batch per process. Examples per optimizer step =
+    batch_size x grad_accumulation x processes."""
+    grad_accumulation: int = 1
+    """Micro-batches whose gradients are summed before each optimizer step."""
+    epochs: int = 1
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (epochs repeat as needed); None = epochs."""
+    warmup_ratio: float = 0.0
+    """Share of the optimizer steps over which the learning rate rises linearly from 0;
+    it then decays linearly to 0 at the last step."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; None = no clipping."""
+    eval_batch_size: int | None = None
+    """Examples per evaluation batch per process; None = 2 x batch_size."""
+    length_grouping: bool = True
+    """Group examples of similar length into the same batch (less padding)."""
+    log_every: int = 10
+    """Log loss, learning rate and tokens/s every this many optimizer steps."""
+    eval_every: int = 0
+    """Evaluate on dev every this many optimizer steps (0 = only at each epoch's end);
+    training always ends with an evaluation."""
+    save_every: int = 500
+    """Write a resumable checkpoint every this many optimizer steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    select_metric: str | None = None
+    """Dev metric for model selection (higher is better): the weights of the best
+    evaluation are restored at the end. None = keep the last weights."""
+    bf16: bool = True
+    """On CUDA, run the trainable modules under bf16 autocast (fp32 master weights). CPU
+    runs always use fp32."""
+
+    def __post_init__(self) -> None:
+        positive = {"batch_size": self.batch_size, "grad_accumulation": self.grad_accumulation,
+                    "epochs": self.epochs, "log_every": self.log_every,
+                    "keep_checkpoints": self.keep_checkpoints}
+        bad = [name for name, value in positive.items() if value < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1 or null, got {self.eval_batch_size}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.eval_every < 0 or self.save_every < 0:
+            raise ValueError("eval_every and save_every must be >= 0")
+
+
+# --------------------------------------------------------------------------- data
+
+
+class FeatureTable(torch.utils.data.Dataset):
+    """Tokenized features held column-wise in numpy (no Python object per example).
+
+    *Ragged* columns hold one integer sequence per example (``input_ids``, per-token
+    labels), stored as one flat array plus offsets, like Arrow lists; *scalar* columns
+    hold one integer per example (label, span positions). ``table[i]`` is a dict of
+    1-D arrays (ragged) and Python ints (scalar). ``lengths`` are the ``input_ids`` lengths.
+    """
+
+    def __init__(self, ragged: dict[str, tuple[np.ndarray, np.ndarray]],
+                 scalar: dict[str, np.ndarray]):
+        if "input_ids" not in ragged:
+            raise ValueError("a FeatureTable needs an input_ids column")
+        self.ragged = ragged
+        self.scalar = scalar
+        offsets = ragged["input_ids"][1]
+        self.lengths = np.diff(offsets)
+        for name, (_, other) in ragged.items():
+            if not np.array_equal(np.diff(other), self.lengths):
+                raise ValueError(f"ragged column {name!r} does not match input_ids lengths")
+        for name, column in scalar.items():
+            if len(column) != len(self):
+                raise ValueError(f"column {name!r} has {len(column)} rows, expected {len(self)}")
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]], ragged: Sequence[str]) -> FeatureTable:
+        """Build from per-example dicts; ``ragged`` names the sequence columns."""
+        if not rows:
+            raise ValueError("no examples")
+        columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name in ragged:
+            sequences = [row[name] for row in rows]
+            offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum([len(s) for s in sequences], out=offsets[1:])
+            values = np.fromiter((v for s in sequences for v in s), dtype=np.int64,
+                                 count=int(offsets[-1]))
+            columns[name] = (values, offsets)
+        scalar = {name: np.asarray([row[name] for row in rows], dtype=np.int64)
+                  for name in rows[0] if name not in ragged}
+        return cls(columns, scalar)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item: dict[str, Any] = {}
+        for name, (values, offsets) in self.ragged.items():
+            item[name] = values[offsets[index]:offsets[index + 1]]
+        for name, column in self.scalar.items():
+            item[name] = int(column[index])
+        return item
+
+    def write_parquet(self, path: str | Path) -> None:
+        """Atomically write as Parquet (ragged columns as list<int32>, scalars as int64)."""
+        arrays = {
+            name: pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                           pa.array(values, pa.int32()))
+            for name, (values, offsets) in self.ragged.items()
+        }
+        arrays.update({name: pa.array(column, pa.int64()) for name, column in self.scalar.items()})
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table(arrays), sink, compression="zstd")
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+    @classmethod
+    def read_parquet(cls, path: str | Path) -> FeatureTable:
+        table = pq.read_table(path)
+        ragged, scalar = {}, {}
+        for name in table.column_names:
+            column = table.column(name).combine_chunks()
+            if pa.types.is_list(column.type):
+                offsets = column.offsets.to_numpy().astype(np.int64)
+                values = column.values.to_numpy().astype(np.int64)
+                ragged[name] = (values[offsets[0]:offsets[-1]], offsets - offsets[0])
+            else:
+                scalar[name] = column.to_numpy().astype(np.int64)
+        return cls(ragged, scalar)
+
+
+class PadCollator:
+    """Dynamic padding: ragged columns padded to the batch's longest example.
+
+    ``pad_values`` maps each ragged column to its pad value (``input_ids`` -> the
+    tokenizer's pad id, per-token labels -> -100); ``attention_mask`` is added. With
+    ``pad_to_multiple_of`` the width is rounded up (8 suits GPU tensor cores);
+    ``pad_to`` pads every batch to one fixed width (the original's behaviour, used by the
+    throughput benchmark's baseline). Scalar columns become (B,) int64 tensors.
+    """
+
+    def __init__(self, pad_values: dict[str, int], pad_to_multiple_of: int | None = None,
+                 pad_to: int | None = None):
+        if "input_ids" not in pad_values:
+            raise ValueError("pad_values needs an entry for input_ids")
+        self.pad_values = pad_values
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_to = pad_to
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(item["input_ids"]) for item in items]
+        width = self.pad_to or max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        if max(lengths) > width:
+            raise ValueError(f"an example of {max(lengths)} tokens does not fit pad_to={width}")
+        batch: dict[str, torch.Tensor] = {}
+        for name, pad in self.pad_values.items():
+            out = np.full((len(items), width), pad, dtype=np.int64)
+            for row, item in enumerate(items):
+                out[row, : len(item[name])] = item[name]
+            batch[name] = torch.from_numpy(out)
+        mask = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+        batch["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
+        for name in items[0]:
+            if name not in self.pad_values:
+                batch[name] = torch.tensor([item[name] for item in items], dtype=torch.long)
+        return batch
+
+
+def batch_order(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int,
+                shuffle: bool = True, group_by_length: bool = True) -> list[np.ndarray]:
+    """The batches (arrays of example indices) of one epoch; deterministic in (seed, epoch).
+
+    Training: shuffled, length-grouped within windows of ``MEGABATCH`` batches, batch
+    order shuffled. Evaluation (``shuffle=False``): sorted by length, longest first.
+    """
+    count = len(lengths)
+    if not shuffle:
+        order = np.argsort(-lengths, kind="stable")
+        return [order[i:i + batch_size] for i in range(0, count, batch_size)]
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(count)
+    if group_by_length:
+        window = batch_size * MEGABATCH
+        order = np.concatenate([
+            chunk[np.argsort(-lengths[chunk], kind="stable")]
+            for chunk in (order[i:i + window] for i in range(0, count, window))
+        ])
+    batches = [order[i:i + batch_size] for i in range(0, count, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def example_lengths(data: Sequence[dict[str, Any]]) -> np.ndarray:
+    if isinstance(data, FeatureTable):
+        return data.lengths
+    return np.asarray([len(data[i]["input_ids"]) for i in range(len(data))])
+
+
+def shard_batches(batches: list[np.ndarray], rank: int, world: int,
+                  even: bool = True) -> list[np.ndarray]:
+    """Batches rank, rank + world, ...; with ``even`` the tail that cannot be shared
+    equally is dropped so every process runs the same number of steps."""
+    usable = len(batches) - len(batches) % world if even else len(batches)
+    return batches[rank:usable:world]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_accelerator(config: TrainingConfig):
+    """An ``Accelerator`` with bf16 autocast on CUDA when ``config.bf16``, fp32 elsewhere."""
+    from accelerate import Accelerator
+
+    mixed = "bf16" if config.bf16 and torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=mixed)
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices, none on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir/checkpoints``, or None."""
+    root = Path(output_dir) / CHECKPOINTS
+    found = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+    return found[-1] if found else None
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """PNG: training loss (left) and every dev metric (right) against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_records = [r for r in records if r["kind"] == "train"]
+    dev_records = [r for r in records if r["kind"] == "dev"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], marker=".")
+    left.set(xlabel="optimizer step", ylabel="training loss", title="loss")
+    names = sorted({k for r in dev_records for k in r if k not in ("kind", "step", "epoch")})
+    for name in names:
+        points = [(r["step"], r[name]) for r in dev_records if name in r]
+        right.plot(*zip(*points), marker="o", label=name)
+    right.set(xlabel="optimizer step", title="dev metrics")
+    if names:
+        right.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    """The unwrapped trainable module (best-on-dev weights when select_metric is set)."""
+    global_step: int
+    dev_metrics: dict[str, float] | None
+    """Metrics of the returned weights (the best evaluation, or the final one)."""
+    best_step: int | None
+    tokens: int
+    """Real (non-pad) training tokens processed, all processes, over the whole run."""
+    train_seconds: float
+    """Wall time of the training steps (evaluation and checkpointing excluded)."""
+    resumed_from: int | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    config: TrainingConfig,
+    *,
+    model: nn.Module,
+    train_data: Sequence[dict[str, Any]],
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor], Any], torch.Tensor],
+    output_dir: str | Path,
+    seed: int,
+    dev_data: Sequence[dict[str, Any]] | None = None,
+    predict_fn: Callable[[nn.Module, dict[str, torch.Tensor], Any], dict[str, torch.Tensor]] | None = None,
+    metrics_fn: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None,
+    frozen: nn.Module | None = None,
+    frozen_dtype: torch.dtype | None = None,
+    frozen_forward: Callable[[nn.Module, dict[str, torch.Tensor]], Any] | None = None,
+    resume: bool = False,
+    accelerator: Any = None,
+    description: str = "train",
+) -> TrainResult:
+    """Train ``model`` on ``train_data``; see the module docstring for the contract."""
+    from accelerate.utils import gather_object, set_seed
+    from safetensors.torch import load_model, save_model
+    from tqdm.auto import tqdm
+
+    if dev_data is not None and (predict_fn is None or metrics_fn is None):
+        raise ValueError("dev_data needs predict_fn and metrics_fn")
+    if (frozen is None) != (frozen_forward is None):
+        raise ValueError("frozen and frozen_forward go together")
+    if len(train_data) == 0:
+        raise ValueError("no training examples")
+    accelerator = accelerator or make_accelerator(config)
+    main = accelerator.is_main_process
+    device = accelerator.device
+    output_dir = Path(output_dir)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    # ---- the frozen part: on the device, eval mode, no gradients, never wrapped by DDP
+    if frozen is not None:
+        frozen.requires_grad_(False).eval().to(device=device, dtype=frozen_dtype)
+
+    # ---- batches per process and steps
+    lengths = example_lengths(train_data)
+    micro_per_epoch = len(shard_batches(
+        batch_order(lengths, config.batch_size, seed=seed, epoch=0,
+                    group_by_length=config.length_grouping), rank, world))
+    if micro_per_epoch == 0:
+        raise ValueError(f"{len(train_data)} training examples make fewer batches of "
+                         f"{config.batch_size} than there are processes ({world})")
+    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accumulation)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    warmup_steps = int(config.warmup_ratio * total_steps)
+
+    # ---- optimizer, schedule; only the trainable module is prepared
+    set_seed(seed)
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, config.weight_decay), lr=config.learning_rate,
+        eps=config.adam_epsilon, fused=device.type == "cuda")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Not prepared: Accelerate would step a prepared scheduler once per process.
+    scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # ---- fresh start or resume
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0,
+                             "train_seconds": 0.0, "best": None, "best_step": None,
+                             "best_metrics": None, "last_metrics": None}
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = read_json(checkpoint / STATE_FILE)
+        if main:
+            print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})")
+    elif main:
+        if resume:
+            print(f"no checkpoint in {output_dir / CHECKPOINTS}: starting from scratch")
+        for stale in (CHECKPOINTS, BEST_DIR, "tensorboard"):
+            shutil.rmtree(output_dir / stale, ignore_errors=True)
+        for stale in (METRICS_FILE, CURVES_FILE):
+            (output_dir / stale).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    resumed_from = state["step"] if checkpoint is not None else None
+
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        records = [r for r in read_metrics(output_dir) if r["step"] <= state["step"]]
+        atomic_write_bytes(output_dir / METRICS_FILE,
+                           b"".join(orjson.dumps(r) + b"\n" for r in records))
+        writer = SummaryWriter(str(output_dir / "tensorboard"),
+                               purge_step=None if resumed_from is None else state["step"] + 1)
+
+    def log(record: dict[str, Any]) -> None:
+        if not main:
+            return
+        with open(output_dir / METRICS_FILE, "ab") as handle:
+            handle.write(orjson.dumps(record) + b"\n")
+        prefix = record["kind"]
+        for key, value in record.items():
+            if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+                writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def encode(batch: dict[str, torch.Tensor]) -> Any:
+        if frozen is None:
+            return None
+        with torch.no_grad(), accelerator.autocast():
+            return frozen_forward(frozen, batch)
+
+    def evaluate() -> dict[str, float]:
+        """Predict the dev set (sharded over processes), gather in dev order, score."""
+        plain = accelerator.unwrap_model(model)
+        plain.eval()
+        batches = shard_batches(
+            batch_order(example_lengths(dev_data), config.eval_batch_size or 2 * config.batch_size,
+                        seed=seed, epoch=0, shuffle=False), rank, world, even=False)
+        indices, outputs = [], []
+        with torch.no_grad():
+            for index in batches:
+                batch = to_device(collate([dev_data[int(i)] for i in index]))
+                with accelerator.autocast():
+                    predicted = predict_fn(plain, batch, encode(batch))
+                indices.append(index)
+                outputs.append({k: v.float().cpu().numpy() if v.is_floating_point()
+                                else v.cpu().numpy() for k, v in predicted.items()})
+        model.train()
+        gathered = gather_object([(indices, outputs)])
+        all_index = np.concatenate([i for part_index, _ in gathered for i in part_index])
+        order = np.argsort(all_index, kind="stable")
+        names = outputs[0].keys() if outputs else gathered[0][1][0].keys()
+        merged = {name: np.concatenate([o[name] for _, part in gathered for o in part])[order]
+                  for name in names}
+        return metrics_fn(merged)
+
+    def save_checkpoint() -> None:
+        root = output_dir / CHECKPOINTS
+        final = root / f"step-{state['step']:08d}"
+        tmp = root / f".step-{state['step']:08d}.tmp"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if main:
+            atomic_write_json(tmp / STATE_FILE, state)
+            os.replace(tmp, final)
+            complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+            for old in complete[: -config.keep_checkpoints]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def flush(window: dict[str, Any]) -> tuple[float, int, float]:
+        """Sum the window over processes (this also waits for the device) -> totals."""
+        totals = accelerator.reduce(
+            torch.stack([window["loss_sum"], torch.tensor(float(window["loss_count"]), device=device),
+                         window["tokens"].float()]), reduction="sum").tolist()
+        seconds = time.perf_counter() - window["clock"]
+        state["tokens"] += int(totals[2])
+        state["train_seconds"] += seconds
+        return totals[0] / max(totals[1], 1.0), int(totals[2]), seconds
+
+    def new_window() -> dict[str, Any]:
+        return {"loss_sum": torch.zeros((), device=device), "loss_count": 0,
+                "tokens": torch.zeros((), device=device, dtype=torch.long),
+                "clock": time.perf_counter()}
+
+    def evaluate_and_select(step: int) -> None:
+        metrics = evaluate()
+        state["last_metrics"] = metrics
+        log({"kind": "dev", "step": step, "epoch": state["epoch"], **metrics})
+        if config.select_metric is None:
+            return
+        if config.select_metric not in metrics:
+            raise KeyError(f"select_metric {config.select_metric!r} is not a dev metric "
+                           f"(have {sorted(metrics)})")
+        value = metrics[config.select_metric]
+        if state["best"] is None or value > state["best"]:
+            state.update(best=value, best_step=step, best_metrics=metrics)
+            if main:
+                best = output_dir / BEST_DIR
+                best.mkdir(parents=True, exist_ok=True)
+                tmp = best / ".model.safetensors.tmp"
+                save_model(accelerator.unwrap_model(model), str(tmp))
+                os.replace(tmp, best / "model.safetensors")
+            accelerator.wait_for_everyone()
+
+    # ---- the loop
+    bar = tqdm(total=total_steps, initial=state["step"], desc=description, disable=not main,
+               dynamic_ncols=True)
+    model.train()
+    window = new_window()  # since the last flush of token and time counters
+    log_loss, log_count, log_tokens, log_seconds = 0.0, 0, 0, 0.0  # since the last log line
+    while state["step"] < total_steps:
+        epoch = state["epoch"]
+        batches = shard_batches(batch_order(lengths, config.batch_size, seed=seed, epoch=epoch,
+                                            group_by_length=config.length_grouping), rank, world)
+        position = state["batch"]
+        while position < len(batches) and state["step"] < total_steps:
+            # one optimizer step over up to grad_accumulation micro-batches
+            micro = batches[position:position + config.grad_accumulation]
+            for offset, index in enumerate(micro):
+                batch = to_device(collate([train_data[int(i)] for i in index]))
+                frozen_out = encode(batch)
+                last = offset == len(micro) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    loss = loss_fn(model, batch, frozen_out)
+                    accelerator.backward(loss / len(micro))
+                window["loss_sum"] += loss.detach().float()
+                window["loss_count"] += 1
+                window["tokens"] += batch["attention_mask"].sum()
+            if config.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+
+            position += len(micro)
+            step = state["step"] = state["step"] + 1
+            epoch_end = position >= len(batches)
+            state["epoch"], state["batch"] = (epoch + 1, 0) if epoch_end else (epoch, position)
+            do_log = step % config.log_every == 0 or step == total_steps
+            do_eval = dev_data is not None and (
+                epoch_end or step == total_steps
+                or bool(config.eval_every and step % config.eval_every == 0))
+            do_save = bool(config.save_every and step % config.save_every == 0) or step == total_steps
+            if not (do_log or do_eval or do_save):
+                continue
+            loss_mean, tokens, seconds = flush(window)
+            log_loss += loss_mean * window["loss_count"]
+            log_count += window["loss_count"]
+            log_tokens += tokens
+            log_seconds += seconds
+            if do_log:
+                tokens_per_s = log_tokens / max(log_seconds, 1e-9)
+                log({"kind": "train", "step": step, "epoch": epoch, "loss": log_loss / log_count,
+                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s})
+                bar.set_postfix(loss=f"{log_loss / log_count:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                log_loss, log_count, log_tokens, log_seconds = 0.0, 0, 0, 0.0
+            if do_eval:
+                evaluate_and_select(step)
+            if do_save:
+                save_checkpoint()
+            window = new_window()  # evaluation and checkpointing are not training time
+    bar.close()
+
+    # ---- best weights back, logs closed, curves drawn
+    plain = accelerator.unwrap_model(model)
+    dev_metrics = state["last_metrics"]
+    if config.select_metric is not None and state["best_step"] is not None:
+        accelerator.wait_for_everyone()
+        load_model(plain, str(output_dir / BEST_DIR / "model.safetensors"), device=str(device))
+        dev_metrics = state["best_metrics"]
+    if main:
+        writer.close()
+        plot_curves(read_metrics(output_dir), output_dir / CURVES_FILE, description)
+    accelerator.wait_for_everyone()
+    plain.eval()
+    return TrainResult(plain, state["step"], dev_metrics, state["best_step"],
+                       state["tokens"], state["train_seconds"], resumed_from)
