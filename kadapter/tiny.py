@@ -104,6 +104,7 @@ def build_tiny_model(out_dir: str | Path, files: list[Path]) -> None:
     from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
 
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
         _corpus_lines(files),
