@@ -2,8 +2,8 @@
 
 The stage (``python -m pipelines.data_deps``) reads BookCorpus-style text (one or
 more sentences per line), lets a dependency parser split each line into sentences
-and parse them, keeps sentences of ``min_words..max_words`` words and writes one
-row per sentence to ``train.parquet`` / ``dev.parquet``:
+and parse them, keeps sentences of ``min_words..max_words`` words that contain a
+letter, and writes one row per sentence to ``train.parquet`` / ``dev.parquet``:
 
     text       str        the sentence, whitespace runs collapsed to one space
     words      list[str]  the parser's words; words[i] == text[word_starts[i]:word_ends[i]]
@@ -12,9 +12,10 @@ row per sentence to ``train.parquet`` / ``dev.parquet``:
     deprels    list[str]  the parser's relation labels (spaCy: ClearNLP style, stanza: UD)
 
 Sizes: the paper parsed ~1M BookCorpus sentences (of 74M) with the Stanford parser;
-about 14 words a sentence, so ~50 MB of Parquet. spaCy's small English model parses
-a few hundred sentences a second per core with everything but ``tok2vec`` and
-``parser`` switched off (benchmarks/deps_throughput.py measures it).
+at ~15 words a sentence that is ~100 MB of Parquet. spaCy's small English model,
+with everything but ``tok2vec`` and ``parser`` switched off, parses 1,000-2,000 of
+the sample's sentences a second per core, 2.5-3x its full pipeline
+(benchmarks/deps_throughput.py measures it): 1M sentences in ~10-15 CPU-minutes.
 
 ``head_labels`` / ``head_labels_batch`` turn such rows into the linguistic adapter's
 training inputs: sub-word ids plus, at the first sub-token of each word, the
@@ -511,7 +512,7 @@ def build_deps(config: DepsConfig, seed: int) -> dict[str, Any]:
             lines_seen["parsed"] += 1
             for sentence in sentences:
                 sentences_seen["parsed"] += 1
-                problem = sentence if isinstance(sentence, str) else word_count_problem(
+                problem = sentence if isinstance(sentence, str) else sentence_problem(
                     sentence, config.min_words, config.max_words)
                 if problem is not None:
                     sentences_seen[problem] += 1
@@ -565,12 +566,16 @@ def parsed_lines(files: list[Path], config: DepsConfig) -> Iterator[tuple[Line, 
             yield line, [] if line.skip is not None else next(parsed_iter)
 
 
-def word_count_problem(record: Mapping[str, Any], min_words: int, max_words: int) -> str | None:
+def sentence_problem(record: Mapping[str, Any], min_words: int, max_words: int) -> str | None:
+    """Why a parsed sentence is not kept, or None: too few or too many words, or no letter
+    at all (scene breaks like ``* * *``, page numbers)."""
     count = len(record["words"])
     if count < min_words:
         return "too_few_words"
     if count > max_words:
         return "too_many_words"
+    if not any(char.isalpha() for char in record["text"]):
+        return "no_letters"
     return None
 
 

@@ -214,11 +214,13 @@ def test_skipped_lines_and_sentences_are_counted(tmp_path):
           b"caf\xe9 au lait was served in the garden.\n"
           + b"long " * 5000 + b"\n"
           + b"Yes!\n"
+          + b"* * * * *\n"
           + " ".join(["word"] * 30).encode() + b".\n")
     manifest = build_deps(config_for(tmp_path, max_words=20, max_line_chars=1000), seed=1)
     counts = manifest["counts"]
-    assert counts["lines"] == {"read": 5, "parsed": 3, "undecodable": 1, "too_long": 1}
-    assert counts["sentences"]["dropped"] == {"too_few_words": 1, "too_many_words": 1}
+    assert counts["lines"] == {"read": 6, "parsed": 4, "undecodable": 1, "too_long": 1}
+    assert counts["sentences"]["dropped"] == {
+        "too_few_words": 1, "too_many_words": 1, "no_letters": 1}
     assert counts["sentences"]["kept"] == 1
     assert manifest["skipped_line_examples"] == [
         {"file": str(tmp_path / "books/a.txt"), "line": 2, "reason": "undecodable"},
