@@ -1,0 +1,774 @@
+"""LAMA probe: how many facts a masked LM fills in, for the encoder and for K-Adapter.
+
+Data, in the layout of LAMA's release (Petroni et al., 2019; KADAPTER.md section 5):
+- ``lama_dir/relations.jsonl``: one template per relation, ``[X] was born in [Y] .``;
+- ``lama_dir/TREx/P*.jsonl``: facts ``{uuid, predicate_id, sub_label, obj_label, ...}``
+  (41 relations with files, 34,039 facts in the full release);
+- ``lama_dir/Google_RE/{place_of_birth,date_of_birth,place_of_death}_test.jsonl``: facts
+  ``{pred, sub_label, obj_label, judgments, ...}`` with LAMA's three fixed templates;
+- ``common_vocab_cased.txt``: 21,018 words, the only candidates any model may rank.
+
+A fact becomes a query: the template with ``[X]`` = subject label and ``[Y]`` = the mask.
+Each fact is kept or dropped for the first of these reasons that applies (every drop is
+written out with its reason):
+
+1. ``judgments_not_majority_yes`` (Google-RE): "yes" judgments must outnumber the others;
+   like LAMA, every judgment that is not "yes" counts as "no".
+2. ``object_not_single_token``: the object must be exactly one token of the model's
+   vocabulary, in the form it takes mid-sentence after a space. Whether that form keeps
+   the space is read off the tokenizer (``space_prefixed``): byte-level BPE (RoBERTa)
+   turns " Paris" into the single token "ĠParis", WordPiece (BERT) drops the space.
+3. ``object_not_in_common_vocab``: the object must be a word of the common vocabulary.
+4. ``query_too_long``: the query must fit the model's maximum length.
+5. ``uhn_object_in_subject`` (UHN subsets): LAMA-UHN's first filter drops facts whose
+   lowercased object is a substring of the lowercased subject label ("Mexico City" ->
+   "Mexico").
+6. ``uhn_person_name`` (UHN subsets, only when ``bert_model`` is set): LAMA-UHN's second
+   filter asks BERT "[name] is a common name in the following city/country/language :
+   [MASK] ." for every word of a person's name, and drops the fact when the object is
+   among BERT's top 3 (relations P19, P20, P27, P103, P1412 and Google-RE's birth and
+   death places). Without ``bert_model`` it is reported as skipped.
+
+Scoring: the model's logits at the mask, restricted to the common-vocabulary words that
+are single tokens; candidates are ordered by score, ties by token id. Per relation P@1,
+P@10 and MRR@10 (reciprocal rank, 0 beyond rank 10, so every number can be recomputed
+from ``predictions.jsonl``, which keeps ranks up to 10); a subset's score is the mean
+over its relations (macro), as in LAMA.
+
+Variants: ``encoder`` uses the encoder's own MLM head. A K-Adapter variant (``fac``,
+``lin``, ``fac+lin``) has no MLM head of its own; the paper trains a linear layer on
+WikiText-2 with everything else frozen. Here a linear *mix* maps concat(encoder last
+state, adapter outputs...) to the hidden size, initialised as [identity, zero], and
+feeds the encoder's own LM head: untrained, it reproduces the encoder's predictions
+exactly, so MLM training on raw text starts from the encoder's quality. Encoder,
+adapters and LM head stay frozen; only the mixes train.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kadapter.io import InputError
+from kadapter.training import PadCollator, TrainingConfig
+
+SUBSETS = ("google_re", "uhn_google_re", "trex", "uhn_trex")
+SUBSET_TITLES = {"google_re": "LAMA-Google-RE", "uhn_google_re": "LAMA-UHN-Google-RE",
+                 "trex": "LAMA-T-REx", "uhn_trex": "LAMA-UHN-T-REx"}
+VARIANTS = ("encoder", "fac", "lin", "fac+lin")
+ADAPTER_TARGETS = {"fac": "pretrain-fac", "lin": "pretrain-lin"}  # make targets that build them
+
+# LAMA's own templates for Google-RE (scripts/run_experiments.py), in LAMA's order.
+GOOGLE_RE_TEMPLATES = {
+    "place_of_birth": "[X] was born in [Y] .",
+    "date_of_birth": "[X] (born [Y]).",
+    "place_of_death": "[X] died in [Y] .",
+}
+# LAMA-UHN's person-name filter: relation -> the noun of its question (create_lama_uhn.py).
+PERSON_NAME_NOUNS = {"place_of_birth": "city", "place_of_death": "city", "P19": "city",
+                     "P20": "city", "P27": "country", "P1412": "language", "P103": "language"}
+PERSON_NAME_TEMPLATE = "[X] is a common name in the following {noun} : [Y] ."
+
+DROP_REASONS = (
+    "judgments_not_majority_yes",
+    "object_not_single_token",
+    "object_not_in_common_vocab",
+    "query_too_long",
+    "uhn_object_in_subject",
+    "uhn_person_name",
+)
+TOP_K = 10
+
+
+@dataclass
+class MlmHeadConfig(TrainingConfig):
+    """Training of the K-Adapter variants' MLM mix on raw text (the shared training loop's
+    settings plus the text). Defaults follow the paper: 2 epochs over WikiText-2."""
+
+    text: str = "data/sample/text/wiki.train.txt"
+    """Raw training text (file, directory or glob), WikiText-2 style: one paragraph per
+    line; blank lines are skipped, the rest is tokenized, concatenated and cut into blocks."""
+    dev_text: str | None = "data/sample/text/wiki.valid.txt"
+    """Raw held-out text for the MLM loss of every variant after each epoch (the encoder's
+    loss on the same masked tokens is the baseline); null = no evaluation."""
+    max_length: int = 128
+    """Tokens per training block, special tokens included."""
+    mask_probability: float = 0.15
+    """Share of tokens chosen for prediction (of those, 80% become the mask token, 10% a
+    random token, 10% stay), as in BERT/RoBERTa."""
+    learning_rate: float = 2e-5
+    """Peak learning rate of AdamW (a small one keeps the mix near its start)."""
+    batch_size: int = 32
+    """Blocks per batch."""
+    epochs: int = 2
+    """Passes over the text (the paper: 2 over WikiText-2)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (a decay pulls the mix away from [identity, zero])."""
+    warmup_ratio: float = 0.06
+    """Share of the steps over which the learning rate rises from 0."""
+    log_every: int = 10
+    """Log the loss every this many optimizer steps."""
+    save_every: int = 0
+    """0: one checkpoint at the end (deleted once the mix weights are saved)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+        if not 0.0 < self.mask_probability < 1.0:
+            raise ValueError(f"mask_probability must be in (0, 1), got {self.mask_probability}")
+
+
+@dataclass
+class LamaConfig:
+    """The LAMA probe (``python -m pipelines.eval_lama``)."""
+
+    lama_dir: str = "data/sample/lama"
+    """LAMA's data directory: relations.jsonl, TREx/P*.jsonl, Google_RE/*_test.jsonl."""
+    common_vocab: str = "data/sample/lama/common_vocab_cased.txt"
+    """The common vocabulary, one word per line (LAMA's common_vocab_cased.txt)."""
+    subsets: list[Literal["google_re", "uhn_google_re", "trex", "uhn_trex"]] = field(
+        default_factory=lambda: list(SUBSETS))
+    """Subsets to probe (UHN = LAMA-UHN's filters on top of the subset's own)."""
+    variants: list[Literal["encoder", "fac", "lin", "fac+lin"]] = field(
+        default_factory=lambda: list(VARIANTS))
+    """Models to probe: the encoder alone, or K-Adapter with these adapters."""
+    fac_adapter: str = "runs/{preset}/fac-adapter"
+    """The factual adapter's directory (``make pretrain-fac``)."""
+    lin_adapter: str = "runs/{preset}/lin-adapter"
+    """The linguistic adapter's directory (``make pretrain-lin``)."""
+    output_dir: str = "runs/{preset}/lama"
+    """Where results.json, results.md, the plot and per-subset predictions go."""
+    batch_size: int = 64
+    """Queries per forward pass when scoring."""
+    train_mlm_head: bool = True
+    """Train the K-Adapter variants' MLM mix on ``mlm_head.text``; false keeps the
+    [identity, zero] initialisation (K-Adapter variants then score like the encoder)."""
+    mlm_head: MlmHeadConfig = field(default_factory=MlmHeadConfig)
+    """MLM-mix training: text, epochs, learning rate, batch size (``--lama.mlm_head.KEY``)."""
+    bert_model: str | None = None
+    """BERT (hub name or directory, LAMA-UHN used bert-base-cased) for LAMA-UHN's
+    person-name filter; null = that filter is skipped and reported as skipped."""
+    person_name_top_k: int = 3
+    """The person-name filter drops a fact when its object is among BERT's top k."""
+
+    def __post_init__(self) -> None:
+        if not self.subsets or not self.variants:
+            raise ValueError("subsets and variants must not be empty")
+        for name, values in (("subsets", self.subsets), ("variants", self.variants)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} has duplicates: {values}")
+        if self.batch_size < 1 or self.person_name_top_k < 1:
+            raise ValueError("batch_size and person_name_top_k must be >= 1")
+
+
+def adapter_names(variant: str) -> list[str]:
+    """``"fac+lin"`` -> ``["fac", "lin"]``; ``"encoder"`` -> ``[]``."""
+    return [] if variant == "encoder" else sorted(variant.split("+"))
+
+
+# ------------------------------------------------------------------------------ readers
+
+
+@dataclass(frozen=True)
+class Fact:
+    relation: str
+    sub_label: str
+    obj_label: str
+    where: str
+    """``file:line``, for messages."""
+    yes_votes: int | None = None
+    """Google-RE: judgments that are "yes" / that are not; None elsewhere."""
+    other_votes: int | None = None
+
+
+@dataclass
+class Relation:
+    name: str
+    template: str
+    facts: list[Fact]
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-blank line; bad JSON names the file and line."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError as err:
+                raise InputError(path, f"line {number}", f"not valid JSON: {err}") from None
+            if not isinstance(record, dict):
+                raise InputError(path, f"line {number}", "expected a JSON object")
+            yield number, record
+
+
+def check_template(template: Any, path: Path, record: str) -> str:
+    if not isinstance(template, str) or template.count("[X]") != 1 or template.count("[Y]") != 1:
+        raise InputError(path, record, f"template must hold [X] and [Y] once each, got {template!r}")
+    return template
+
+
+def read_templates(path: Path) -> dict[str, str]:
+    """relations.jsonl -> {relation id: template}."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: LAMA relations file not found (set --lama_dir)")
+    templates: dict[str, str] = {}
+    for number, record in read_jsonl(path):
+        relation = record.get("relation")
+        if not isinstance(relation, str) or not relation:
+            raise InputError(path, f"line {number}", "missing 'relation'")
+        if relation in templates:
+            raise InputError(path, f"line {number}", f"relation {relation} listed twice")
+        templates[relation] = check_template(record.get("template"), path, f"line {number}")
+    return templates
+
+
+def read_fact(record: dict[str, Any], path: Path, number: int, relation: str,
+              google_re: bool) -> Fact:
+    labels = []
+    for key in ("sub_label", "obj_label"):
+        value = record.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(path, f"line {number}", f"'{key}' must be a non-empty string, got {value!r}")
+        labels.append(value.strip())
+    if not google_re:
+        predicate = record.get("predicate_id", relation)
+        if predicate != relation:
+            raise InputError(path, f"line {number}",
+                             f"predicate_id {predicate!r} does not match the file's relation {relation}")
+        return Fact(relation, labels[0], labels[1], f"{path}:{number}")
+    judgments = record.get("judgments", [])
+    if not isinstance(judgments, list) or not all(
+            isinstance(j, dict) and isinstance(j.get("judgment"), str) for j in judgments):
+        raise InputError(path, f"line {number}", "'judgments' must be a list of {judgment: str}")
+    yes = sum(j["judgment"] == "yes" for j in judgments)
+    return Fact(relation, labels[0], labels[1], f"{path}:{number}", yes, len(judgments) - yes)
+
+
+def read_trex(lama_dir: str | Path) -> tuple[list[Relation], list[str]]:
+    """T-REx relations that have a facts file (sorted by id), and the template-only ones.
+
+    A facts file whose relation has no template is an error; relations.jsonl listing more
+    relations than there are files is normal (LAMA's does).
+    """
+    lama_dir = Path(lama_dir)
+    templates = read_templates(lama_dir / "relations.jsonl")
+    files = sorted((lama_dir / "TREx").glob("*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"{lama_dir / 'TREx'}: no T-REx facts files (*.jsonl)")
+    relations = []
+    for path in files:
+        name = path.stem
+        if name not in templates:
+            raise InputError(path, None, f"relation {name} has no template in {lama_dir / 'relations.jsonl'}")
+        facts = [read_fact(r, path, n, name, google_re=False) for n, r in read_jsonl(path)]
+        relations.append(Relation(name, templates[name], facts))
+    with_files = {r.name for r in relations}
+    return relations, sorted(set(templates) - with_files)
+
+
+def read_google_re(lama_dir: str | Path) -> list[Relation]:
+    lama_dir = Path(lama_dir)
+    relations = []
+    for name, template in GOOGLE_RE_TEMPLATES.items():
+        path = lama_dir / "Google_RE" / f"{name}_test.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: Google-RE facts file not found")
+        facts = [read_fact(r, path, n, name, google_re=True) for n, r in read_jsonl(path)]
+        relations.append(Relation(name, template, facts))
+    return relations
+
+
+def read_common_vocab(path: str | Path) -> list[str]:
+    """One word per line (blank lines skipped), in file order, duplicates removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: common vocabulary file not found (set --common_vocab)")
+    words = dict.fromkeys(w.strip() for w in path.read_text(encoding="utf-8").splitlines())
+    words.pop("", None)
+    if not words:
+        raise InputError(path, None, "the common vocabulary is empty")
+    return list(words)
+
+
+# ------------------------------------------------------------------ tokens and queries
+
+
+class ProbeTokens:
+    """How a tokenizer writes probe words and queries.
+
+    - ``space_prefixed``: True when a word after a space is a different token from the
+      same word at the start of a text (" a" -> "Ġa" vs "a": byte-level BPE, RoBERTa);
+      False when the space is dropped (WordPiece, BERT). Objects and candidates take the
+      mid-sentence form: " Paris" for the former, "Paris" for the latter.
+    - Queries are tokenized in three pieces, as LAMA does: the text before the mask
+      (trailing space removed), the mask token, the text after. So the space before the
+      mask never becomes a token of its own, whether or not the tokenizer's mask token
+      absorbs the space to its left (roberta-large's does, a tokenizer built from bare
+      vocab/merges files may not).
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        if tokenizer.mask_token_id is None:
+            raise ValueError("the tokenizer has no mask token: not a masked language model")
+        self.mask_id = tokenizer.mask_token_id
+        self.special_ids = set(tokenizer.all_special_ids)
+        self.space_prefixed = tokenizer.tokenize(" a") != tokenizer.tokenize("a")
+        probe = tokenizer("a", return_special_tokens_mask=True)["special_tokens_mask"]
+        content = [i for i, special in enumerate(probe) if not special]
+        if len(content) != 1:
+            raise ValueError(f"unexpected special-token layout {probe} for the text 'a'")
+        self.specials_before = content[0]
+        self.specials_after = len(probe) - 1 - content[0]
+
+    def word_form(self, word: str) -> str:
+        return f" {word}" if self.space_prefixed else word
+
+    def word_ids(self, words: list[str]) -> list[int | None]:
+        """Each word's token id mid-sentence, or None when it is not exactly one ordinary
+        token (several pieces, or an unknown/special token)."""
+        if not words:
+            return []
+        encoded = self.tokenizer([self.word_form(w) for w in words], add_special_tokens=False)
+        return [ids[0] if len(ids) == 1 and ids[0] not in self.special_ids else None
+                for ids in encoded["input_ids"]]
+
+    def query(self, template: str, subject: str) -> tuple[str, list[int], int]:
+        """(query text, token ids with special tokens, index of the mask)."""
+        before, after = (part.replace("[X]", subject) for part in template.split("[Y]"))
+        head = self.tokenizer(before.rstrip())["input_ids"]
+        tail = self.tokenizer(after)["input_ids"]
+        head = head[: len(head) - self.specials_after]
+        ids = head + [self.mask_id] + tail[self.specials_before:]
+        return before + self.tokenizer.mask_token + after, ids, len(head)
+
+
+class CommonVocabulary:
+    """The candidates: common-vocabulary words that are one token, as sorted unique ids."""
+
+    def __init__(self, words: list[str], tokens: ProbeTokens):
+        ids = tokens.word_ids(words)
+        self.words = set(words)
+        self.not_single_token = [w for w, i in zip(words, ids) if i is None]
+        self.candidate_ids = torch.tensor(sorted({i for i in ids if i is not None}), dtype=torch.long)
+        if len(self.candidate_ids) == 0:
+            raise ValueError("no word of the common vocabulary is a single token of this model")
+        decode = tokens.tokenizer.decode
+        self.decoded = {int(i): decode([int(i)]).strip() for i in self.candidate_ids}
+
+
+# ------------------------------------------------------------------------------ filters
+
+
+@dataclass
+class Query:
+    """A kept fact, ready to score."""
+
+    subset: str
+    relation: str
+    sub_label: str
+    obj_label: str
+    text: str
+    ids: tuple[int, ...]
+    mask_index: int
+    object_id: int
+
+
+def object_in_subject(fact: Fact) -> bool:
+    """LAMA-UHN filter 1: the lowercased object is a substring of the lowercased subject."""
+    return fact.obj_label.lower() in fact.sub_label.lower()
+
+
+class PersonNameFilter:
+    """LAMA-UHN filter 2 (Poerner et al., 2020): is the object guessable from one word of
+    a person's name alone? Runs a BERT MLM on "[name] is a common name in the following
+    {city|country|language} : [MASK] ." and drops the fact when the object's token is
+    among the top k; every (name, noun) question is asked once."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, top_k: int = 3, batch_size: int = 64,
+                 device: torch.device | str = "cpu"):
+        self.model = model.eval().to(device)
+        self.tokens = ProbeTokens(tokenizer)
+        self.top_k, self.batch_size, self.device = top_k, batch_size, torch.device(device)
+
+    @staticmethod
+    def applies(fact: Fact) -> bool:
+        return fact.relation in PERSON_NAME_NOUNS
+
+    @torch.no_grad()
+    def top_ids(self, questions: list[tuple[str, str]]) -> dict[tuple[str, str], set[int]]:
+        """(name, noun) -> ids of the model's top k tokens at the mask."""
+        encoded = [self.tokens.query(PERSON_NAME_TEMPLATE.format(noun=noun), name)
+                   for name, noun in questions]
+        pad = self.tokens.tokenizer.pad_token_id or 0
+        found = {}
+        for start in range(0, len(questions), self.batch_size):
+            chunk = encoded[start:start + self.batch_size]
+            ids, mask = pad_batch([e[1] for e in chunk], pad)
+            logits = self.model(input_ids=ids.to(self.device),
+                                attention_mask=mask.to(self.device)).logits
+            rows = torch.arange(len(chunk), device=self.device)
+            at_mask = logits[rows, torch.tensor([e[2] for e in chunk], device=self.device)]
+            top = at_mask.float().topk(self.top_k, dim=-1).indices.cpu().tolist()
+            for question, ids_top in zip(questions[start:start + self.batch_size], top):
+                found[question] = set(ids_top)
+        return found
+
+    def matches(self, facts: list[Fact]) -> list[bool]:
+        """For each fact: True when LAMA-UHN's person-name filter drops it."""
+        questions = {(name, PERSON_NAME_NOUNS[f.relation])
+                     for f in facts if self.applies(f) for name in f.sub_label.split()}
+        top = self.top_ids(sorted(questions))
+        object_ids = self.tokens.word_ids([f.obj_label for f in facts])
+        return [
+            self.applies(f) and object_id is not None
+            and any(object_id in top[(name, PERSON_NAME_NOUNS[f.relation])] for name in f.sub_label.split())
+            for f, object_id in zip(facts, object_ids)
+        ]
+
+
+def select_queries(subset: str, relations: list[Relation], tokens: ProbeTokens,
+                   vocabulary: CommonVocabulary, max_length: int,
+                   person_filter: PersonNameFilter | None = None
+                   ) -> tuple[list[Query], list[dict[str, Any]]]:
+    """Apply the filters of ``subset`` (module docstring, in order) to every fact.
+
+    Returns the kept facts as queries and one row per dropped fact (``subset``,
+    ``relation``, ``sub_label``, ``obj_label``, ``reason``), both in input order.
+    """
+    uhn = subset.startswith("uhn_")
+    facts = [f for r in relations for f in r.facts]
+    templates = {r.name: r.template for r in relations}
+    object_ids = tokens.word_ids([f.obj_label for f in facts])
+    reasons: list[str | None] = []
+    built: list[tuple[str, list[int], int] | None] = []
+    for fact, object_id in zip(facts, object_ids):
+        reason, query = None, None
+        if fact.yes_votes is not None and fact.yes_votes <= fact.other_votes:
+            reason = "judgments_not_majority_yes"
+        elif object_id is None:
+            reason = "object_not_single_token"
+        elif fact.obj_label not in vocabulary.words:
+            reason = "object_not_in_common_vocab"
+        else:
+            query = tokens.query(templates[fact.relation], fact.sub_label)
+            if len(query[1]) > max_length:
+                reason = "query_too_long"
+            elif uhn and object_in_subject(fact):
+                reason = "uhn_object_in_subject"
+        reasons.append(reason)
+        built.append(query)
+    if uhn and person_filter is not None:
+        alive = [i for i, reason in enumerate(reasons) if reason is None]
+        for i, drop in zip(alive, person_filter.matches([facts[i] for i in alive])):
+            if drop:
+                reasons[i] = "uhn_person_name"
+    kept, dropped = [], []
+    for fact, object_id, reason, query in zip(facts, object_ids, reasons, built):
+        if reason is None:
+            text, ids, mask_index = query
+            kept.append(Query(subset, fact.relation, fact.sub_label, fact.obj_label, text,
+                              tuple(ids), mask_index, object_id))
+        else:
+            dropped.append({"subset": subset, "relation": fact.relation, "sub_label": fact.sub_label,
+                            "obj_label": fact.obj_label, "reason": reason})
+    return kept, dropped
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def pad_batch(sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def rank_candidates(scores: torch.Tensor, candidate_ids: torch.Tensor, object_ids: torch.Tensor,
+                    k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank the candidates of each row by score (ties: smaller token id first).
+
+    scores: (B, C), column j scoring token ``candidate_ids[j]`` (sorted ascending);
+    object_ids: (B,) token ids, each one of the candidates. Returns the top-k token ids
+    (B, k) and the 1-based rank of each row's object (B,).
+    """
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    top = candidate_ids[order[:, :k]]
+    column = torch.searchsorted(candidate_ids, object_ids)
+    if not bool((candidate_ids[column.clamp(max=len(candidate_ids) - 1)] == object_ids).all()):
+        raise ValueError("an object id is not among the candidates")
+    own = scores.gather(1, column[:, None])
+    before = (scores > own) | ((scores == own) & (torch.arange(scores.shape[1], device=scores.device)[None, :] < column[:, None]))
+    return top, 1 + before.sum(dim=1)
+
+
+def relation_metrics(ranks: list[int | None]) -> dict[str, float | int]:
+    """P@1, P@10, MRR@10 of one relation from its facts' ranks (None = beyond 10)."""
+    n = len(ranks)
+    return {
+        "facts": n,
+        "p@1": sum(r == 1 for r in ranks) / n,
+        "p@10": sum(r is not None and r <= 10 for r in ranks) / n,
+        "mrr@10": sum(1.0 / r for r in ranks if r is not None and r <= 10) / n,
+    }
+
+
+def summarise(predictions: list[dict[str, Any]]) -> dict[str, Any]:
+    """predictions.jsonl rows of one subset and variant -> per-relation metrics and their
+    means over relations (macro, as LAMA). Recomputes everything from ``rank`` alone."""
+    by_relation: dict[str, list[int | None]] = {}
+    for row in predictions:
+        by_relation.setdefault(row["relation"], []).append(row["rank"])
+    per_relation = {name: relation_metrics(ranks) for name, ranks in sorted(by_relation.items())}
+    count = len(per_relation)
+    summary: dict[str, Any] = {
+        metric: (sum(m[metric] for m in per_relation.values()) / count if count else None)
+        for metric in ("p@1", "p@10", "mrr@10")
+    }
+    summary.update(relations=count, facts_kept=len(predictions), per_relation=per_relation)
+    return summary
+
+
+@torch.no_grad()
+def score_queries(model: nn.Module, lm_head: nn.Module, mixes: VariantMixes, variants: list[str],
+                  queries: list[Query], candidate_ids: torch.Tensor, *, batch_size: int,
+                  pad_id: int, device: torch.device | str = "cpu"
+                  ) -> dict[str, list[tuple[list[int], int]]]:
+    """Score every query with every variant: variant -> per query (top-k ids, rank).
+
+    ``model`` is the ``KAdapterModel`` holding the adapters of all variants: one encoder
+    and adapter pass per batch serves every variant. Identical queries (a subject with
+    several objects, or a fact in both a subset and its UHN version) run once. Batches
+    hold queries of similar length (sorted, stable), so padding stays small.
+    """
+    device = torch.device(device)
+    slots: dict[tuple[tuple[int, ...], int], list[int]] = {}
+    for index, query in enumerate(queries):
+        slots.setdefault((query.ids, query.mask_index), []).append(index)
+    keys = sorted(slots, key=lambda key: len(key[0]))
+    candidates = candidate_ids.to(device)
+    results: dict[str, list[Any]] = {v: [None] * len(queries) for v in variants}
+    for start in range(0, len(keys), batch_size):
+        chunk = keys[start:start + batch_size]
+        ids, mask = pad_batch([key[0] for key in chunk], pad_id)
+        out = model(ids.to(device), mask.to(device))
+        rows = torch.arange(len(chunk), device=device)
+        at_mask = torch.tensor([key[1] for key in chunk], device=device)
+        last = out.last_hidden_state[rows, at_mask]
+        adapters = {n: o[rows, at_mask] for n, o in out.adapter_outputs.items()}
+        fact_rows = [(row, index) for row, key in enumerate(chunk) for index in slots[key]]
+        row_of_fact = torch.tensor([row for row, _ in fact_rows], device=device)
+        objects = torch.tensor([queries[index].object_id for _, index in fact_rows], device=device)
+        for variant, logits in variant_logits(lm_head, mixes, variants, last, adapters).items():
+            scores = logits.float()[:, candidates][row_of_fact]
+            top, ranks = rank_candidates(scores, candidates, objects)
+            for (_, index), top_ids, rank in zip(fact_rows, top.tolist(), ranks.tolist()):
+                results[variant][index] = (top_ids, rank)
+    return results
+
+
+# ------------------------------------------------------------------------ the MLM mix
+
+
+def split_masked_lm(masked_lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A Hugging Face ``*ForMaskedLM`` -> (its encoder, its LM head)."""
+    prefix = masked_lm.base_model_prefix
+    heads = [module for name, module in masked_lm.named_children() if name != prefix]
+    if not hasattr(masked_lm, prefix) or len(heads) != 1:
+        raise ValueError(f"{type(masked_lm).__name__}: expected an encoder '{prefix}' and one LM "
+                         f"head, found children {[n for n, _ in masked_lm.named_children()]}")
+    return getattr(masked_lm, prefix), heads[0]
+
+
+class FeatureMix(nn.Module):
+    """concat(encoder_last, adapter outputs in name order) -> hidden size, initialised
+    [identity, zero]: untrained, it returns encoder_last unchanged."""
+
+    def __init__(self, names: list[str], hidden_size: int):
+        super().__init__()
+        self.names = sorted(names)
+        self.linear = nn.Linear((1 + len(self.names)) * hidden_size, hidden_size)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.weight[:, :hidden_size].copy_(torch.eye(hidden_size))
+            self.linear.bias.zero_()
+
+    def forward(self, last: torch.Tensor, adapter_outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = torch.cat([last] + [adapter_outputs[n].to(last.dtype) for n in self.names], dim=-1)
+        return self.linear(features.to(self.linear.weight.dtype)).to(last.dtype)
+
+
+class VariantMixes(nn.Module):
+    """One FeatureMix per K-Adapter variant; the module the MLM training trains."""
+
+    def __init__(self, variants: list[str], hidden_size: int):
+        super().__init__()
+        self.mixes = nn.ModuleDict({v: FeatureMix(adapter_names(v), hidden_size)
+                                    for v in variants if v != "encoder"})
+
+    def forward(self, last: torch.Tensor, adapter_outputs: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+        return {v: mix(last, adapter_outputs) for v, mix in self.mixes.items()}
+
+
+def variant_logits(lm_head: nn.Module, mixes: VariantMixes, variants: list[str],
+                   last: torch.Tensor, adapter_outputs: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """Vocabulary logits of every variant: the encoder's LM head on the encoder's last
+    state, or on a K-Adapter variant's mix of it with the adapter outputs."""
+    mixed = mixes(last, adapter_outputs)
+    return {v: lm_head(last if v == "encoder" else mixed[v]) for v in variants}
+
+
+def text_blocks(paths: list[Path], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """Raw text -> blocks of ``max_length`` tokens (special tokens included): non-blank
+    lines tokenized, concatenated and cut, the last block possibly shorter."""
+    lines = [line for path in paths for line in path.read_text(encoding="utf-8").splitlines()
+             if line.strip()]
+    if not lines:
+        raise InputError(paths[0], None, "no text to train on (every line is blank)")
+    stream = [t for ids in tokenizer(lines, add_special_tokens=False)["input_ids"] for t in ids]
+    probe = tokenizer("a", return_special_tokens_mask=True)
+    first = probe["special_tokens_mask"].index(0)
+    start, end = probe["input_ids"][:first], probe["input_ids"][first + 1:]
+    inner = max_length - len(start) - len(end)
+    return [{"input_ids": start + stream[i:i + inner] + end} for i in range(0, len(stream), inner)]
+
+
+class MaskingCollator:
+    """Pads a batch of blocks and masks it for MLM (seeded, so a run repeats exactly)."""
+
+    def __init__(self, tokenizer: Any, probability: float, seed: int):
+        self.pad = PadCollator({"input_ids": tokenizer.pad_token_id})
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab_size = len(tokenizer)
+        self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids))
+        self.probability = probability
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.pad(items)
+        ids = batch["input_ids"]
+        maskable = batch["attention_mask"].bool() & ~torch.isin(ids, self.special_ids)
+        chosen = (torch.rand(ids.shape, generator=self.generator) < self.probability) & maskable
+        if not bool(chosen.any()):  # a tiny batch may draw nothing: predict its first token
+            chosen[maskable.nonzero()[0].unbind()] = True
+        action = torch.rand(ids.shape, generator=self.generator)
+        replacement = torch.randint(self.vocab_size, ids.shape, generator=self.generator)
+        inputs = torch.where(chosen & (action < 0.8), self.mask_id, ids)
+        inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), replacement, inputs)
+        labels = torch.where(chosen, ids, -100)
+        return {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+def mlm_loss_sums(logits: dict[str, torch.Tensor], labels: torch.Tensor, rows: torch.Tensor,
+                  batch_size: int) -> dict[str, torch.Tensor]:
+    """Per-example sums of the MLM loss of every variant (for the dev loss)."""
+    sums = {}
+    for variant, values in logits.items():
+        nll = F.cross_entropy(values.float(), labels, reduction="none")
+        sums[f"nll/{variant}"] = torch.zeros(batch_size, device=nll.device).index_add_(0, rows, nll)
+    sums["masked"] = torch.zeros(batch_size, device=labels.device).index_add_(
+        0, rows, torch.ones_like(labels, dtype=torch.float))
+    return sums
+
+
+def dev_losses(merged: dict[str, Any]) -> dict[str, float]:
+    masked = float(merged["masked"].sum())
+    return {f"mlm_loss/{key.split('/', 1)[1]}": float(values.sum()) / max(masked, 1.0)
+            for key, values in merged.items() if key.startswith("nll/")}
+
+
+# ------------------------------------------------------------------------------ reports
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The paper-style tables (rows subsets, columns variants) and the facts accounting."""
+    subsets = [s for s in SUBSETS if s in results["subsets"]]
+    variants = results["variants"]
+    facts = results["facts"]
+    lines = [f"# LAMA probe ({results['preset']} preset, model {results['model']})", "",
+             "P@1 (%), mean over relations (macro); columns are the probed models.", "",
+             "| subset | relations | facts kept / read | " + " | ".join(variants) + " |",
+             "| --- | ---: | ---: | " + " | ".join("---:" for _ in variants) + " |"]
+    for subset in subsets:
+        scores = " | ".join(percent(results["subsets"][subset][v]["p@1"]) for v in variants)
+        lines.append(f"| {SUBSET_TITLES[subset]} | {results['subsets'][subset][variants[0]]['relations']} | "
+                     f"{facts[subset]['kept']} / {facts[subset]['read']} | {scores} |")
+    for metric, title in (("p@10", "P@10 (%)"),
+                          ("mrr@10", "MRR@10 (x100; reciprocal rank, 0 beyond rank 10)")):
+        lines += ["", f"{title}:", "", "| subset | " + " | ".join(variants) + " |",
+                  "| --- | " + " | ".join("---:" for _ in variants) + " |"]
+        for subset in subsets:
+            lines.append(f"| {SUBSET_TITLES[subset]} | " + " | ".join(
+                percent(results["subsets"][subset][v][metric]) for v in variants) + " |")
+    lines += ["", "Facts dropped, by the first reason that applies:", "",
+              "| subset | " + " | ".join(DROP_REASONS) + " |",
+              "| --- | " + " | ".join("---:" for _ in DROP_REASONS) + " |"]
+    for subset in subsets:
+        counts = facts[subset]["dropped_by_reason"]
+        lines.append(f"| {SUBSET_TITLES[subset]} | "
+                     + " | ".join(str(counts.get(r, 0)) for r in DROP_REASONS) + " |")
+    lines += ["", f"LAMA-UHN person-name filter: {results['person_name_filter']}.", "",
+              "For comparison, the paper's P@1 (RoBERTa-large -> K-Adapter): Google-RE 4.8 -> 7.0, "
+              "UHN-Google-RE 2.5 -> 3.7, T-REx 27.1 -> 29.1, UHN-T-REx 20.1 -> 23.0.", ""]
+    return "\n".join(lines)
+
+
+def relation_order(name: str) -> tuple[int, str]:
+    """P-ids in numeric order (P19 before P103), other names after them."""
+    return (int(name[1:]), "") if name[:1] == "P" and name[1:].isdigit() else (1 << 30, name)
+
+
+def plot_per_relation(results: dict[str, Any], path: str | Path) -> None:
+    """Bars of per-relation P@1: the encoder beside each K-Adapter variant, one panel per subset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    subsets = [s for s in SUBSETS if s in results["subsets"]]
+    variants = results["variants"]
+    fig, axes = plt.subplots(len(subsets), 1, figsize=(12, 3.2 * len(subsets)), squeeze=False)
+    width = 0.8 / len(variants)
+    for ax, subset in zip(axes[:, 0], subsets):
+        per_variant = results["subsets"][subset]
+        relations = sorted(per_variant[variants[0]]["per_relation"], key=relation_order)
+        for i, variant in enumerate(variants):
+            values = [100 * per_variant[variant]["per_relation"][r]["p@1"] for r in relations]
+            ax.bar([x + (i - (len(variants) - 1) / 2) * width for x in range(len(relations))],
+                   values, width, label="encoder" if variant == "encoder" else f"K-Adapter ({variant})")
+        ax.set_xticks(range(len(relations)))
+        ax.set_xticklabels(relations, rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0, 100 if relations else 1)
+        ax.set_ylabel("P@1 (%)")
+        ax.set_title(f"{SUBSET_TITLES[subset]}: P@1 per relation")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def count_reasons(dropped: list[dict[str, Any]]) -> dict[str, int]:
+    counts = Counter(row["reason"] for row in dropped)
+    return {reason: counts[reason] for reason in DROP_REASONS if counts[reason]}
