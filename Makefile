@@ -77,7 +77,7 @@ finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred: 
 	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(LAUNCH)" --tasks $(subst finetune-,,$@)
 
 eval-lama: $(LAMA)
-$(LAMA): $(FAC) $(LIN) $(MODEL_DEPS) pipelines/eval_lama.py
+$(LAMA): $(FAC) $(LIN) $(MODEL_DEPS) $(CONFIG) $(LIB) $(SAMPLE) pipelines/eval_lama.py
 	$(PY) -m pipelines.eval_lama --config $(CONFIG)
 
 bench: $(SETUP)
