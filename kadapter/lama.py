@@ -610,8 +610,9 @@ class FeatureMix(nn.Module):
             self.linear.bias.zero_()
 
     def forward(self, last: torch.Tensor, adapter_outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        features = torch.cat([last] + [adapter_outputs[n].to(last.dtype) for n in self.names], dim=-1)
-        return self.linear(features.to(self.linear.weight.dtype)).to(last.dtype)
+        dtype = self.linear.weight.dtype  # the encoder may run in bf16, the mix stays fp32
+        features = torch.cat([last.to(dtype)] + [adapter_outputs[n].to(dtype) for n in self.names], -1)
+        return self.linear(features).to(last.dtype)
 
 
 class VariantMixes(nn.Module):

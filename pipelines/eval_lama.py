@@ -102,7 +102,7 @@ def main(config: Config) -> dict[str, Any]:
         try:
             adapters[name] = load_adapter(directory, encoder.config).adapter
         except AdapterLoadError as err:
-            raise InputError(directory, None, str(err)) from None
+            raise InputError(directory, None, str(err).removeprefix(f"{directory}: ")) from None
         adapter_inputs[name] = [file_fingerprint(directory / ADAPTER_CONFIG_FILE),
                                 file_fingerprint(directory / ADAPTER_WEIGHTS_FILE)]
     model = KAdapterModel(encoder, adapters, freeze_encoder=True, frozen_adapters=tuple(adapters))
@@ -113,7 +113,11 @@ def main(config: Config) -> dict[str, Any]:
 
     # ---- 2. candidates: the common-vocabulary words that are one token of the model
     tokens = lama.ProbeTokens(tokenizer)
-    vocabulary = lama.CommonVocabulary(lama.read_common_vocab(cfg.common_vocab), tokens)
+    common_words = lama.read_common_vocab(cfg.common_vocab)
+    try:
+        vocabulary = lama.CommonVocabulary(common_words, tokens)
+    except ValueError as err:  # no candidate at all: the vocabulary does not fit this model
+        raise InputError(cfg.common_vocab, None, f"{err} ({model_path})") from None
     max_length = (tokenizer.model_max_length if tokenizer.model_max_length < 100_000
                   else encoder.config.max_position_embeddings)
     print(f"{len(vocabulary.candidate_ids)} candidate tokens from {len(vocabulary.words)} common "

@@ -626,6 +626,19 @@ def test_stage_names_a_missing_adapter_and_its_make_target(tmp_path, roberta_dir
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_stage_rejects_an_adapter_of_another_encoder(tmp_path, roberta_dir):
+    from pipelines.eval_lama import main
+
+    inputs = write_probe_inputs(tmp_path)
+    config = load_config(write_config(tmp_path, roberta_dir, inputs, variants=["fac"]))
+    other = RobertaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+    shape = AdapterConfig(positions=[0, 1, 2], adapter_size=16, num_transformer_layers=1)
+    save_adapter(config.lama.fac_adapter, KnowledgeAdapter(shape, 16, 2), base_model="other",
+                 encoder_config=other, task={"name": "fac"})
+    with pytest.raises(InputError, match=r"fac-adapter: adapter does not fit this encoder \(hidden_size"):
+        main(config)
+
+
 def test_stage_with_person_name_filter(tmp_path, roberta_dir):
     from pipelines.eval_lama import main
 
