@@ -1,9 +1,10 @@
 """Throughput of the T-REx stage: MB of raw T-REx JSON per second, with 1 and 2 workers.
 
-    python benchmarks/trex_throughput.py [--mb 256] [--files 16] [--workers 1 2]
+    python benchmarks/trex_throughput.py [--mb 256] [--files 16] [--workers 1 2] [--source GLOB]
 
 Builds a large input in the exact dump format by replicating the sample documents
-(data/sample/trex) with perturbations: every copy gets its own docid, and its entity
+(data/sample/trex, or ``--source``, e.g. ../shared/real/trex-sample-output.json, whose
+abstracts have the real dump's mix of words, mentions and triples) with perturbations: every copy gets its own docid, and its entity
 URIs are renamed into one of ten groups, so entity counts and the filters behave as on
 a bigger corpus. The input is compact JSON (no indentation), so MB/s counts only bytes
 that carry data. Runs the whole stage (parse, count, filter, split, write parquet) once
@@ -52,10 +53,12 @@ def perturbed(doc: dict, copy: int) -> dict:
     return doc
 
 
-def build_input(directory: Path, target_mb: float, files: int) -> dict:
+def build_input(directory: Path, target_mb: float, files: int, source: str) -> dict:
     documents = []
-    for path in sorted(glob.glob(str(REPO / "data/sample/trex/*.json"))):
+    for path in sorted(glob.glob(source)):
         documents.extend(orjson.loads(Path(path).read_bytes()))
+    if not documents:
+        raise SystemExit(f"no T-REx documents found at {source}")
     per_file = target_mb * 1e6 / files
     copy, total_docs, total_triples, total_bytes = 0, 0, 0, 0
     for index in range(files):
@@ -87,6 +90,8 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=256.0, help="input size in MB (default 256)")
     parser.add_argument("--files", type=int, default=16, help="number of input files")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--source", default=str(REPO / "data/sample/trex/*.json"),
+                        help="T-REx JSON file(s) to replicate (a path or glob)")
     parser.add_argument("--out", default=str(REPO / "runs/bench/trex_throughput.json"))
     args = parser.parse_args()
 
@@ -95,7 +100,7 @@ def main() -> None:
         input_dir = scratch / "input"
         input_dir.mkdir()
         started = time.perf_counter()
-        summary = build_input(input_dir, args.mb, args.files)
+        summary = build_input(input_dir, args.mb, args.files, args.source)
         print(f"built {summary['input_mb']} MB in {summary['files']} files "
               f"({summary['documents']} documents, {summary['triples']} triples) "
               f"in {time.perf_counter() - started:.1f}s")
@@ -121,6 +126,7 @@ def main() -> None:
         for row in results.values():
             row["speedup_vs_first"] = round(baseline / row["seconds"], 2)
         report = {
+            "source": args.source,
             **summary,
             "workers": results,
             "baseline_workers": args.workers[0],

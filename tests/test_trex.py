@@ -236,6 +236,7 @@ def test_sample_preset_yields_a_learnable_set(tmp_path, repo_root):
                    "excluded_relation", "duplicate"):
         assert dropped[reason] > 0, reason
     assert counts["dropped_by_entity_filter"] > 0
+    assert manifest["relations_dropped_by_pair_filter"] == {"P190": 2}  # Paris-Rome twins
 
 
 def test_offsets_point_at_the_mentions(tmp_path, repo_root):

@@ -206,6 +206,9 @@ CITY_COUNTRY = {
     "Saint Petersburg": "Russia", "Princeton": "United States", "Honolulu": "United States",
     "Santa Barbara": "United States", "New York City": "United States",
 }
+# Twin cities: a relation with two pairs only, which the relation filter (3+) removes.
+TWINS = {"Paris": "Rome", "Rome": "Paris"}
+FACTS.update((a, "P190", b) for a, b in TWINS.items())
 for city, country in CITY_COUNTRY.items():
     FACTS.add((city, "P17", country))
     FACTS.add((city, "P31", "city"))
@@ -555,6 +558,8 @@ def city_document(row, rng: random.Random, index: int) -> dict:
     w.sentence(rng.choice(T_CITY_OPEN), {"X": capital, "Y": country})
     if capital.startswith(country + " "):  # "Mexico City": linkers also tag the nested "Mexico"
         w.add_mention("entity", country, country, 0, 0)
+    if capital in TWINS:
+        w.sentence("{X} is twinned with {Y}.", {"X": capital, "Y": TWINS[capital]})
     w.sentence(rng.choice(["It is the capital of {Y}.", "{X} is the capital of {Y}.",
                            "As the capital of {Y}, {X} is its political centre."]),
                {"X": capital, "Y": country, "It": ("pronoun", capital, "It")})
