@@ -180,8 +180,9 @@ def _substitute(value: Any, preset: str) -> Any:
 def parse_overrides(argv: list[str], default_section: str | None) -> dict[str, Any]:
     """``["--a.b", "3", "--c", "x"]`` -> ``{"a": {"b": 3}, default_section: {"c": "x"}}``.
 
-    A bare key that is a top-level key (``preset``, ``seed``) or a section name stays
-    top-level; other bare keys go to ``default_section``.
+    A key whose first part is a top-level key (``preset``, ``seed``) or a section name
+    stays as written; any other key (``--epochs``, ``--mlm_head.epochs``) belongs to
+    ``default_section``.
     """
     tree: dict[str, Any] = {}
     i = 0
@@ -203,7 +204,7 @@ def parse_overrides(argv: list[str], default_section: str | None) -> dict[str, A
         except yaml.YAMLError as err:
             raise ConfigError(f"command line: --{key}: {err}") from err
         path = key.split(".")
-        if len(path) == 1 and path[0] not in TOP_LEVEL and path[0] not in SECTIONS:
+        if path[0] not in TOP_LEVEL and path[0] not in SECTIONS:
             if default_section is None:
                 raise ConfigError(f"command line: --{key} needs a section (--section.{key})")
             path = [default_section, *path]

@@ -31,6 +31,7 @@ TINY_SPEC = {
     "intermediate_size": 256,
     "max_position_embeddings": 258,  # 256 tokens + RoBERTa's padding offset of 2
     "seed": 1234,
+    "builder": 2,  # bump when the build changes in a way the fields above do not show
 }
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 CORPUS_SUFFIXES = (".txt", ".json", ".jsonl")
@@ -100,7 +101,7 @@ def _corpus_lines(files: list[Path]):
 def build_tiny_model(out_dir: str | Path, files: list[Path]) -> None:
     """Train the tokenizer and write a randomly initialised (seeded) RoBERTa MLM."""
     import torch
-    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers import AddedToken, ByteLevelBPETokenizer
     from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
 
     out_dir = Path(out_dir)
@@ -116,7 +117,10 @@ def build_tiny_model(out_dir: str | Path, files: list[Path]) -> None:
     bpe.save_model(str(out_dir))  # vocab.json + merges.txt
     # from_pretrained on the directory, not RobertaTokenizerFast(vocab_file=...): with
     # transformers 5 the latter was seen to build a 5-token vocabulary silently.
-    tokenizer = RobertaTokenizerFast.from_pretrained(str(out_dir), model_max_length=256)
+    # <mask> absorbs the space before it, as in roberta-large ("in <mask>" -> "Ġin", "<mask>").
+    tokenizer = RobertaTokenizerFast.from_pretrained(
+        str(out_dir), model_max_length=256, mask_token=AddedToken("<mask>", lstrip=True)
+    )
     if len(tokenizer) != bpe.get_vocab_size():
         raise RuntimeError(
             f"tiny tokenizer has {len(tokenizer)} tokens, BPE training produced {bpe.get_vocab_size()}"

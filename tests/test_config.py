@@ -43,6 +43,7 @@ def test_loads_typed_sections_and_substitutes_preset(config_file):
         (["--adapter_size", "128"], "adapter", {"adapter": {"adapter_size": 128}}),
         (["--positions", "[0,12,24]"], "adapter", {"adapter": {"positions": [0, 12, 24]}}),
         (["--seed=3"], "adapter", {"seed": 3}),
+        (["--mlm_head.epochs", "2"], "lama", {"lama": {"mlm_head": {"epochs": 2}}}),
         (["--model.name_or_path", "/m/roberta-large"], "adapter",
          {"model": {"name_or_path": "/m/roberta-large"}}),
     ],
