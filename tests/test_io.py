@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from kadapter.io import (
@@ -23,6 +26,15 @@ def test_atomic_output_dir_replaces_whole_on_success(tmp_path):
         assert not (final / "new.txt").exists(), "nothing visible before success"
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "no temporary left behind"
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        atomic_write_json(tmp / "manifest.json", {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((tmp_path / "out/manifest.json").stat().st_mode) == 0o666 & ~mask
 
 
 def test_atomic_output_dir_leaves_previous_output_on_failure(tmp_path):
