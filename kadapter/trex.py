@@ -1,17 +1,20 @@
 """T-REx dump -> relation-classification set (T-REx-rc) for the factual adapter.
 
-The T-REx dump is a set of JSON files (the full one: ~465 files, tens of GB), each a
-list of documents ``{docid, uri, title, text, sentences_boundaries, words_boundaries,
-entities, triples}``: Wikipedia abstracts aligned to Wikidata triples. From it we keep
-one example per (sentence, subject mention, object mention, relation):
+The T-REx dump is a set of JSON files (the full one: ~465 files, tens of GB, ~3.09M
+documents, ~11M triples), each a list of documents ``{docid, uri, title, text,
+sentences_boundaries, words_boundaries, entities, triples}``: Wikipedia abstracts
+aligned to Wikidata triples. From it we keep one example per (sentence, subject
+mention, object mention, relation); the paper's T-REx-rc had 430 relations and 5.5M
+sentences.
 
 1. every document of every file is read, one file at a time (memory: one parsed file,
    the entity counter and the small per-file outputs);
 2. entity mentions (items of ``entities``) are counted by URI across all documents;
 3. a triple is a *candidate* when both its arguments have boundaries inside the
    sentence ``sentences_boundaries[sentence_id]``, the spans do not overlap, the
-   entities differ and the predicate is not excluded; identical candidates (T-REx
-   repeats a triple under several aligners) are kept once;
+   entities differ and the predicate is not excluded; identical candidates (same
+   document, sentence, spans, entities and predicate: T-REx repeats a triple under
+   several aligners) are kept once;
 4. entity filter: subject and object each have >= ``min_entity_count`` mentions;
 5. relation filter: relations with >= ``min_relation_pairs`` distinct (subject,
    object) pairs among what is left;
@@ -212,13 +215,16 @@ class FileScan:
     error: tuple[str, str | None, str] | None = None  # (path, record, problem) when raising
 
 
-# ``words_boundaries`` (a [start, end] pair for every word) is most of the parsing work
-# on the real dump and is never used here. A JSON list of integer pairs is replaced by
-# an empty list before parsing; anything else there is left for the parser to judge, so a
-# file is valid JSON after the replacement exactly when it was before.
+# ``words_boundaries`` (a [start, end] pair for every word) is about half the parsing
+# work on the real dump and is never used here. A value that is a valid JSON list of
+# integer pairs is replaced by an empty list before parsing; anything else there is left
+# for the parser to judge, so a file is valid JSON after the replacement exactly when it
+# was before. (JSON whitespace and integers spelled out: no \f, \v or leading zeros.)
+_WS, _INT = rb"[ \t\n\r]*", rb"(?:0|[1-9][0-9]*)"
+_PAIR = rb"\[" + _WS + _INT + _WS + rb"," + _WS + _INT + _WS + rb"\]"
 _WORD_BOUNDARIES = re.compile(
-    rb'"words_boundaries"\s*:\s*\[\s*(?:\[\s*\d+\s*,\s*\d+\s*\]'
-    rb"(?:\s*,\s*\[\s*\d+\s*,\s*\d+\s*\])*)?\s*\]"
+    rb'"words_boundaries"' + _WS + rb":" + _WS + rb"\[" + _WS
+    + rb"(?:" + _PAIR + rb"(?:" + _WS + rb"," + _WS + _PAIR + rb")*)?" + _WS + rb"\]"
 )
 
 

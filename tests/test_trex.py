@@ -360,6 +360,8 @@ def test_bad_document_raises_naming_file_and_document(tmp_path, case):
         (b'[{"docid": "x", ', "not valid JSON"),
         (b'{"docid": "x"}', "not valid JSON"),
         (b'[{"docid": "x", "words_boundaries": [[0, 1], [2 3]]}]', "not valid JSON"),
+        (b'[{"docid": "x", "words_boundaries": [[0, 1], [02, 3]]}]', "not valid JSON"),
+        (b'[{"docid": "x", "words_boundaries": [[0, 1],\x0b[2, 3]]}]', "not valid JSON"),
     ],
 )
 def test_invalid_json_file(tmp_path, content, problem):
