@@ -120,6 +120,8 @@ class TrainingConfig:
     warmup_ratio: float = 0.0
     """Share of the optimizer steps over which the learning rate rises linearly from 0;
     it then decays linearly to 0 at the last step."""
+    warmup_steps: int = 0
+    """Warm-up length in optimizer steps; when > 0 it replaces warmup_ratio."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""
     adam_epsilon: float = 1e-8
@@ -161,8 +163,8 @@ class TrainingConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.eval_every < 0 or self.save_every < 0:
-            raise ValueError("eval_every and save_every must be >= 0")
+        if self.eval_every < 0 or self.save_every < 0 or self.warmup_steps < 0:
+            raise ValueError("eval_every, save_every and warmup_steps must be >= 0")
 
 
 # --------------------------------------------------------------------------- data
@@ -327,11 +329,16 @@ def shard_batches(batches: list[np.ndarray], rank: int, world: int,
 
 
 def make_accelerator(config: TrainingConfig):
-    """An ``Accelerator`` with bf16 autocast on CUDA when ``config.bf16``, fp32 elsewhere."""
+    """An ``Accelerator`` with bf16 autocast on CUDA when ``config.bf16``, fp32 elsewhere.
+
+    Without CUDA it is created with ``cpu=True``: only then does Accelerate 1.15 join the
+    processes that ``torchrun`` starts into one gloo group (MULTI_CPU); otherwise each
+    would run alone.
+    """
     from accelerate import Accelerator
 
-    mixed = "bf16" if config.bf16 and torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=mixed)
+    cuda = torch.cuda.is_available()
+    return Accelerator(mixed_precision="bf16" if config.bf16 and cuda else "no", cpu=not cuda)
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -467,7 +474,8 @@ def train(
                          f"{config.batch_size} than there are processes ({world})")
     steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accumulation)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
-    warmup_steps = int(config.warmup_ratio * total_steps)
+    warmup_steps = min(config.warmup_steps or int(config.warmup_ratio * total_steps),
+                       total_steps - 1)
 
     # ---- optimizer, schedule; only the trainable module is prepared
     set_seed(seed)

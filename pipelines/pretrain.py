@@ -1,0 +1,44 @@
+"""Pretrain a knowledge adapter: factual (T-REx relation classification) or linguistic
+(dependency head prediction), on a frozen encoder, through Accelerate.
+
+    accelerate launch -m pipelines.pretrain --config configs/sample.yaml --task fac
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml \\
+        -m pipelines.pretrain --config configs/paper.yaml --task lin --resume
+    torchrun --nproc_per_node 2 -m pipelines.pretrain --task fac     # 2 CPU processes (gloo)
+
+--task fac|lin  picks the section (pretrain_fac / pretrain_lin); --resume continues from
+the latest checkpoint in the run directory. Other --key value pairs override that section
+(--max_steps 20) or any other (--model.name_or_path /models/roberta-large).
+What it does, step by step, and the output layout: kadapter/pretrain.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipelines.common import run_stage
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--task", choices=("fac", "lin"))
+    parser.add_argument("--resume", action="store_true")
+    known, rest = parser.parse_known_args(argv)
+    if known.task is None:
+        if any(a in ("-h", "--help") for a in rest):
+            print(__doc__)
+        print("error: --task fac|lin is required", file=sys.stderr)
+        raise SystemExit(2)
+
+    def stage(config) -> None:
+        from kadapter.pretrain import run_pretraining
+
+        run_pretraining(config, known.task, resume=known.resume)
+
+    run_stage("pipelines.pretrain", f"pretrain_{known.task}", stage, rest)
+
+
+if __name__ == "__main__":
+    main()
