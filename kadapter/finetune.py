@@ -1,0 +1,432 @@
+"""Fine-tuning on the downstream tasks: encoder alone, +F, +L, +F+L.
+
+One run = one task x one variant. The encoder and the task head train; the loaded
+knowledge adapters stay frozen (no gradient, eval mode) but gradients flow through
+them into the encoder. Shapes at the paper's size: RoBERTa-large (H = 1024) plus
+~47M parameters per adapter; the combiner adds 2H x H per adapter and nA*H x H.
+
+    train  --(model selection on dev only, every evaluation)-->  best weights
+    best   --> dev predictions + test predictions, each scored from its file, once
+
+A run writes ``<output_dir>/<task>/<variant>/``: ``predictions.jsonl`` (test),
+``dev_predictions.jsonl``, ``metrics.json``, ``manifest.json``, plus the training
+loop's ``metrics.jsonl``, ``curves.png``, ``tensorboard/`` and ``best/model.safetensors``.
+It trains in a hidden sibling ``.<variant>.partial`` (resumable with ``--resume true``)
+that is renamed into place only when everything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from kadapter.config import Config, ConfigError, build, to_plain
+from kadapter.io import atomic_write_json, file_fingerprint, fingerprint_of, versions
+from kadapter.metrics import main_metric, score, score_file, write_predictions
+from kadapter.tasks import TASKS, Encoded, Task, collate
+from kadapter.training import (
+    TrainingConfig,
+    batch_order,
+    example_lengths,
+    make_accelerator,
+    shard_batches,
+    train,
+)
+
+ADAPTER_NAMES = ("fac", "lin")
+# --adapters value -> (run directory name, row label of the results table)
+VARIANTS = {"none": ("encoder", "encoder"), "fac": ("fac", "+F"), "lin": ("lin", "+L"),
+            "fac,lin": ("fac+lin", "+F+L")}
+
+
+@dataclass
+class TaskConfig(TrainingConfig):
+    """One downstream task: its data, input length, head and optimisation (the
+    optimisation fields are kadapter.training.TrainingConfig's)."""
+
+    data_dir: str = ""
+    """Directory holding the task's files, named as upstream (see train_file...)."""
+    train_file: str | None = None
+    """Training file inside data_dir; None = the upstream name (train.json,
+    train_rand_split.jsonl, ...)."""
+    dev_file: str | None = None
+    """Dev file inside data_dir; None = the upstream name (dev.json, valid.jsonl, ...)."""
+    test_file: str | None = None
+    """Test file inside data_dir; None = the upstream name (test.json,
+    test_rand_split_no_answers.jsonl, ...). Unlabelled test files are predicted, not scored."""
+    max_length: int = 256
+    """Maximum tokens per sequence (special tokens included); longer entity/relation
+    inputs are cut to a window around the markers, multiple-choice inputs truncated."""
+    dropout: float = 0.1
+    """Dropout before the task head's output layer."""
+    pooling: Literal["span", "marker"] = "span"
+    """Mention pooling: mean over the mention's sub-words (span) or the opening marker's
+    state (marker, the original code)."""
+    labels: list[str] | None = None
+    """Label set (types / relations); None = the task's standard set (OpenEntity's 9
+    types, TACRED's 42 relations) or, for FIGER, every type seen in its three files.
+    A label outside the set is an input error."""
+    max_train_negatives: int | None = None
+    """TACRED only: keep the first N no_relation training examples (the original's
+    --negative_sample); None = keep all."""
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-variant settings that differ from the above, keyed by variant (none, fac,
+    lin, fac,lin), e.g. {fac: {learning_rate: 5.0e-6, warmup_steps: 500}}."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+        unknown = sorted(set(self.overrides) - set(VARIANTS))
+        if unknown:
+            raise ValueError(f"overrides has unknown variant(s) {unknown}; known {sorted(VARIANTS)}")
+
+
+def _task(data_dir: str, **kwargs: Any):
+    return field(default_factory=lambda: TaskConfig(data_dir=data_dir, **kwargs))
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning on the downstream tasks (pipelines.finetune, pipelines.finetune_all)."""
+
+    task: Literal["typing", "figer", "csqa", "cosmosqa", "tacred"] = "typing"
+    """Task of a single run (pipelines.finetune)."""
+    adapters: str = "none"
+    """Adapters of a single run: none, fac, lin or fac,lin."""
+    tasks: list[str] = field(default_factory=lambda: ["typing", "figer", "csqa", "cosmosqa", "tacred"])
+    """Tasks run by pipelines.finetune_all."""
+    variants: list[str] = field(default_factory=lambda: ["none", "fac", "lin", "fac,lin"])
+    """Variants run by pipelines.finetune_all (rows of the results table)."""
+    fac_adapter: str = "runs/{preset}/fac-adapter"
+    """Directory of the factual adapter (written by pretraining, or any adapter directory)."""
+    lin_adapter: str = "runs/{preset}/lin-adapter"
+    """Directory of the linguistic adapter."""
+    combine: Literal["concat", "add"] = "concat"
+    """How adapter outputs join the encoder's last state (kadapter.modeling.Combiner)."""
+    output_dir: str = "runs/{preset}/finetune"
+    """Root of the runs: <output_dir>/<task>/<variant>/."""
+    results: str = "runs/{preset}/results.md"
+    """The paper-shaped results table written by pipelines.finetune_all (a PNG chart of
+    the main metric per task and variant is written beside it)."""
+    launcher: str = ""
+    """pipelines.finetune_all: command that starts each run (e.g. ``.venv/bin/accelerate
+    launch``); empty = run every task and variant in this process."""
+    resume: bool = False
+    """Continue an interrupted run from its latest checkpoint."""
+    typing: TaskConfig = _task("data/sample/openentity")
+    """OpenEntity entity typing."""
+    figer: TaskConfig = _task("data/sample/figer")
+    """FIGER entity typing."""
+    csqa: TaskConfig = _task("data/sample/csqa")
+    """CommonsenseQA multiple choice."""
+    cosmosqa: TaskConfig = _task("data/sample/cosmosqa")
+    """CosmosQA multiple choice."""
+    tacred: TaskConfig = _task("data/sample/tacred")
+    """TACRED relation classification."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"tasks has unknown task(s) {unknown}; known {sorted(TASKS)}")
+        for variant in self.variants:
+            canonical_variant(variant)
+        canonical_variant(self.adapters)
+
+
+def canonical_variant(adapters: str) -> str:
+    """``fac,lin`` / ``lin, fac`` -> ``fac,lin``; ``none`` stays; anything else is an error."""
+    names = sorted({name.strip() for name in adapters.split(",") if name.strip()})
+    if names == ["none"]:
+        return "none"
+    if not names or any(name not in ADAPTER_NAMES for name in names):
+        raise ValueError(f"adapters {adapters!r} must be none, fac, lin or fac,lin")
+    return ",".join(names)
+
+
+def variant_settings(config: Config, task_name: str, variant: str) -> TaskConfig:
+    """The task's settings with the variant's overrides applied (and validated)."""
+    base = getattr(config.finetune, task_name)
+    override = base.overrides.get(variant, {})
+    if not override:
+        return base
+    merged = {**to_plain(base), **override, "overrides": {}}
+    return build(TaskConfig, merged, f"{config.source}:finetune.{task_name}.overrides.{variant}")
+
+
+def run_dir(config: Config, task_name: str, variant: str) -> Path:
+    return Path(config.finetune.output_dir) / task_name / VARIANTS[variant][0]
+
+
+def adapter_dirs(config: Config, variant: str) -> dict[str, Path]:
+    if variant == "none":
+        return {}
+    paths = {"fac": config.finetune.fac_adapter, "lin": config.finetune.lin_adapter}
+    return {name: Path(paths[name]) for name in variant.split(",")}
+
+
+def data_files(task: Task, settings: TaskConfig, task_name: str) -> dict[str, Path]:
+    if not settings.data_dir:
+        raise ConfigError(f"finetune.{task_name}.data_dir is not set")
+    names = (settings.train_file, settings.dev_file, settings.test_file)
+    return {split: Path(settings.data_dir) / (name or default)
+            for split, name, default in zip(("train", "dev", "test"), names, task.files)}
+
+
+def run_fingerprint(config: Config, task_name: str, variant: str) -> str:
+    """Everything a run's result depends on: settings, seed, model, data and adapter bytes."""
+    settings = variant_settings(config, task_name, variant)
+    files = data_files(TASKS[task_name], settings, task_name)
+    adapters = {name: [file_fingerprint(p) for p in sorted(path.glob("*")) if p.is_file()]
+                for name, path in adapter_dirs(config, variant).items()}
+    return fingerprint_of({
+        "task": task_name, "variant": variant, "settings": to_plain(settings), "seed": config.seed,
+        "model": to_plain(config.model), "combine": config.finetune.combine,
+        "data": {split: file_fingerprint(path) for split, path in files.items() if path.is_file()},
+        "adapters": adapters,
+    })
+
+
+# ------------------------------------------------------------------------------ model
+
+
+class FinetuneModel(nn.Module):
+    """Encoder (trainable) + frozen adapters -> Combiner -> task head -> logits."""
+
+    def __init__(self, encoder: nn.Module, adapters: dict[str, nn.Module], head: nn.Module,
+                 combine: Literal["concat", "add"]):
+        from kadapter.modeling import Combiner, KAdapterModel
+
+        super().__init__()
+        self.kadapter = KAdapterModel(encoder, adapters, freeze_encoder=False,
+                                      frozen_adapters=list(adapters))
+        self.combiner = Combiner(list(adapters), encoder.config.hidden_size, mode=combine)
+        self.head = head
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.kadapter(batch["input_ids"], batch["attention_mask"])
+        return self.head(self.combiner(out.last_hidden_state, out.adapter_outputs), batch)
+
+
+def load_adapters(config: Config, variant: str, encoder_config: Any) -> dict[str, nn.Module]:
+    from kadapter.modeling import AdapterLoadError, load_adapter
+
+    adapters = {}
+    for name, path in adapter_dirs(config, variant).items():
+        try:
+            adapters[name] = load_adapter(path, encoder_config).adapter
+        except AdapterLoadError as err:
+            raise ConfigError(f"{err} (run `make pretrain-{name}` first, or set "
+                              f"--finetune.{name}_adapter to an adapter directory)") from err
+    return adapters
+
+
+# ------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Splits:
+    labels: list[str]
+    encoded: dict[str, Encoded]
+    counts: dict[str, dict[str, int]]
+
+
+def prepare_data(task: Task, settings: TaskConfig, files: dict[str, Path], tokenizer) -> Splits:
+    """Read the three files, fix the label set, encode; count what is dropped or cut."""
+    configured = settings.labels if settings.labels is not None else task.default_labels
+    examples = {split: task.reader(path, configured) for split, path in files.items()}
+    labels = task.label_space([e for split in examples.values() for e in split], configured)
+    counts: dict[str, dict[str, int]] = {}
+    negatives_dropped = 0
+    if settings.max_train_negatives is not None:
+        kept, negatives = [], 0
+        for example in examples["train"]:
+            if example.relation == "no_relation":
+                negatives += 1
+                if negatives > settings.max_train_negatives:
+                    negatives_dropped += 1
+                    continue
+            kept.append(example)
+        examples["train"] = kept
+    encoded = {}
+    for split, split_examples in examples.items():
+        encoded[split] = task.encode(split_examples, tokenizer, labels, settings.max_length)
+        counts[split] = {"examples": len(split_examples), "encoded": len(encoded[split].features),
+                         "too_long": len(encoded[split].too_long)}
+    counts["train"]["negatives_dropped"] = negatives_dropped
+    if not encoded["train"].features:
+        raise ConfigError(f"{files['train']}: no training example fits max_length {settings.max_length}")
+    return Splits(labels, encoded, counts)
+
+
+def prediction_rows(task: Task, labels: list[str], encoded: Encoded, logits: np.ndarray) -> list[dict]:
+    """One row per example of the split, in file order; an example too long to encode gets
+    the task's fallback prediction (scored like any other) and ``too_long: true``."""
+    predicted = {id(e): task.decode(torch.from_numpy(row), labels, e)
+                 for e, row in zip(encoded.examples, logits)}
+    rows = []
+    for example in encoded.source:
+        row = {"id": example.id, "gold": task.gold(example)}
+        if id(example) in predicted:
+            row["predicted"] = predicted[id(example)]
+        else:
+            row.update(predicted=task.fallback(labels, example), too_long=True)
+        rows.append(row)
+    return rows
+
+
+def predict_logits(model: nn.Module, features: list[dict], pad_id: int, batch_size: int,
+                   accelerator) -> np.ndarray:
+    """Logits of every feature, in order; batches sharded over processes and gathered."""
+    from accelerate.utils import gather_object
+
+    if not features:
+        return np.zeros((0, 0), dtype=np.float32)
+    batches = shard_batches(batch_order(example_lengths(features), batch_size, seed=0, epoch=0,
+                                        shuffle=False),
+                            accelerator.process_index, accelerator.num_processes, even=False)
+    model.eval()
+    parts = []
+    with torch.no_grad():
+        for index in batches:
+            batch = {k: v.to(accelerator.device) for k, v in
+                     collate([features[int(i)] for i in index], pad_id).items()}
+            with accelerator.autocast():
+                parts.append((index, model(batch).float().cpu().numpy()))
+    gathered = gather_object(parts)
+    indices = np.concatenate([index for index, _ in gathered])
+    logits = np.concatenate([values for _, values in gathered])
+    return logits[np.argsort(indices, kind="stable")]
+
+
+# -------------------------------------------------------------------------------- run
+
+
+def training_config(settings: TaskConfig, select_metric: str) -> TrainingConfig:
+    """The loop's own fields of the task settings; selection on the task's main dev metric
+    unless select_metric is set."""
+    plain = {f.name: getattr(settings, f.name) for f in dataclasses.fields(TrainingConfig)}
+    plain["select_metric"] = settings.select_metric or select_metric
+    return TrainingConfig(**plain)
+
+
+def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any]:
+    """Train one task x variant, select on dev, evaluate dev and test once; write the run."""
+    from kadapter.modeling import load_encoder, load_tokenizer, resolve_model_path
+
+    variant = canonical_variant(adapters)
+    task = TASKS[task_name]
+    settings = variant_settings(config, task_name, variant)
+    files = data_files(task, settings, task_name)
+    for path in files.values():
+        if not path.is_file():
+            raise FileNotFoundError(f"{task_name} {path.name}: {path} not found (set "
+                                    f"--finetune.{task_name}.data_dir)")
+    final = run_dir(config, task_name, variant)
+    staging = final.with_name(f".{final.name}.partial")
+    accelerator = make_accelerator(settings)
+    main = accelerator.is_main_process
+    if main and not config.finetune.resume:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    started = time.time()
+
+    # ---- model and data
+    model_path = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(model_path)
+    data = prepare_data(task, settings, files, tokenizer)
+    torch.manual_seed(config.seed)  # head and combiner initialisation
+    encoder = load_encoder(model_path, dtype=torch.float32)  # trainable: fp32 master weights
+    loaded = load_adapters(config, variant, encoder.config)
+    head = task.head(encoder.config.hidden_size, len(data.labels), settings.dropout, settings.pooling)
+    model = FinetuneModel(encoder, loaded, head, config.finetune.combine)
+    metric = main_metric(task.metric)
+    pad_id = tokenizer.pad_token_id
+    dev = data.encoded["dev"]
+
+    def dev_metrics(arrays: dict[str, np.ndarray]) -> dict[str, float]:
+        rows = prediction_rows(task, data.labels, dev, arrays["logits"])
+        return {k: v for k, v in score(task.metric, rows).items() if k not in ("examples", "labelled")}
+
+    loop_config = training_config(settings, metric)
+    result = train(
+        loop_config,
+        model=model,
+        train_data=data.encoded["train"].features,
+        dev_data=dev.features,
+        collate=lambda items: collate(items, pad_id),
+        loss_fn=lambda m, batch, _: task.loss(m(batch), batch["labels"]),
+        predict_fn=lambda m, batch, _: {"logits": m(batch)},
+        metrics_fn=dev_metrics,
+        output_dir=staging,
+        seed=config.seed,
+        resume=config.finetune.resume,
+        accelerator=accelerator,
+        description=f"{task_name} {VARIANTS[variant][1]}",
+    )
+
+    # ---- the selected weights predict dev and test once; metrics come from the files
+    eval_batch = settings.eval_batch_size or 2 * settings.batch_size
+    logits = {split: predict_logits(result.model, data.encoded[split].features, pad_id, eval_batch,
+                                    accelerator) for split in ("dev", "test")}
+    summary: dict[str, Any] = {}
+    if main:
+        for split, name in (("dev", "dev_predictions.jsonl"), ("test", "predictions.jsonl")):
+            rows = prediction_rows(task, data.labels, data.encoded[split], logits[split])
+            write_predictions(staging / name, rows)
+            summary[split] = score_file(task.metric, staging / name)
+        summary.update(task=task_name, variant=variant, main_metric=metric,
+                       selected_step=result.best_step, steps=result.global_step)
+        atomic_write_json(staging / "metrics.json", summary)
+        atomic_write_json(staging / "manifest.json", {
+            "stage": "finetune",
+            "task": task_name,
+            "variant": variant,
+            "fingerprint": run_fingerprint(config, task_name, variant),
+            "inputs": {
+                "data": {split: file_fingerprint(path) for split, path in files.items()},
+                "model": config.model.name_or_path,
+                "adapters": {name: [file_fingerprint(p) for p in sorted(path.glob("*")) if p.is_file()]
+                             for name, path in adapter_dirs(config, variant).items()},
+            },
+            "parameters": {"settings": to_plain(settings), "training": to_plain(loop_config),
+                           "combine": config.finetune.combine, "seed": config.seed,
+                           "processes": accelerator.num_processes},
+            "labels": data.labels,
+            "counts": data.counts,
+            "training": {"steps": result.global_step, "selected_step": result.best_step,
+                         "tokens": result.tokens, "train_seconds": round(result.train_seconds, 3),
+                         "tokens_per_s": round(result.tokens_per_s, 1),
+                         "wall_seconds": round(time.time() - started, 3),
+                         "resumed_from": result.resumed_from},
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "versions": versions(),
+            "outputs": ["predictions.jsonl", "dev_predictions.jsonl", "metrics.json",
+                        "metrics.jsonl", "curves.png", "best/model.safetensors"],
+        })
+        shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # resumable state, no longer needed
+        replace_dir(staging, final)
+        print(f"{task_name} {VARIANTS[variant][1]}: dev {metric} {summary['dev'].get(metric)}, "
+              f"test {metric} {summary['test'].get(metric)} -> {final}")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def replace_dir(source: Path, final: Path) -> None:
+    """Rename ``source`` over ``final`` (the old one removed only after the swap)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(source, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, final)

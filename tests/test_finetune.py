@@ -1,0 +1,220 @@
+"""Fine-tuning runs end to end on the tiny model: outputs, frozen adapters, dev-only
+selection, determinism, bad input, and the results table of pipelines.finetune_all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from kadapter.config import ConfigError, load_config
+from kadapter.finetune import run_finetune, run_fingerprint
+from kadapter.metrics import read_predictions, score_file
+from kadapter.tasks import TASKS
+
+SAMPLE_DIRS = {"typing": "openentity", "figer": "figer", "csqa": "csqa", "cosmosqa": "cosmosqa",
+               "tacred": "tacred"}
+SIZES = (24, 10, 10)  # train, dev, test examples copied from the sample files
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, repo_root, tiny_model_dir):
+    """Small copies of the sample files, two random adapters and a preset file."""
+    from transformers import AutoConfig
+
+    from kadapter.modeling import AdapterConfig, KnowledgeAdapter, save_adapter
+
+    root = tmp_path_factory.mktemp("finetune")
+    for task, directory in SAMPLE_DIRS.items():
+        for name, size in zip(TASKS[task].files, SIZES):
+            source = repo_root / "data/sample" / directory / name
+            target = root / "data" / directory / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if name.endswith(".jsonl"):
+                target.write_text("".join(source.read_text().splitlines(keepends=True)[:size]))
+            else:
+                target.write_text(json.dumps(json.loads(source.read_text())[:size]))
+    encoder_config = AutoConfig.from_pretrained(str(tiny_model_dir))
+    adapter_config = AdapterConfig(positions=[0, 11, 23], adapter_size=32, num_transformer_layers=1)
+    for seed, name in enumerate(["fac", "lin"]):
+        torch.manual_seed(seed)
+        adapter = KnowledgeAdapter(adapter_config, encoder_config.hidden_size,
+                                   encoder_config.num_hidden_layers)
+        save_adapter(root / f"{name}-adapter", adapter, base_model="tiny",
+                     encoder_config=encoder_config, task={"name": name})
+    task_settings = {"max_length": 48, "batch_size": 8, "learning_rate": 1e-3, "max_steps": 4,
+                     "eval_every": 2, "log_every": 1, "save_every": 0}
+    preset = {
+        "preset": "test", "seed": 7,
+        "model": {"name_or_path": "tiny", "tiny_dir": str(tiny_model_dir),
+                  "tiny_corpus": str(repo_root / "data/sample")},
+        "finetune": {
+            "fac_adapter": str(root / "fac-adapter"), "lin_adapter": str(root / "lin-adapter"),
+            "output_dir": str(root / "runs"), "results": str(root / "results.md"),
+            **{task: {"data_dir": str(root / "data" / directory), **task_settings}
+               for task, directory in SAMPLE_DIRS.items()},
+        },
+    }
+    (root / "test.yaml").write_text(yaml.safe_dump(preset))
+    return root
+
+
+def config_for(workspace: Path, *overrides: str):
+    return load_config(workspace / "test.yaml", list(overrides), default_section="finetune")
+
+
+def expected_ids(workspace: Path, task: str, split: int) -> list[str]:
+    spec = TASKS[task]
+    path = workspace / "data" / SAMPLE_DIRS[task] / spec.files[split]
+    return [e.id for e in spec.reader(path, spec.default_labels)]
+
+
+@pytest.mark.parametrize("task, adapters, variant_dir", [
+    ("typing", "fac,lin", "fac+lin"),
+    ("figer", "none", "encoder"),
+    ("tacred", "fac", "fac"),
+    ("csqa", "lin", "lin"),
+    ("cosmosqa", "none", "encoder"),
+])
+def test_run_writes_predictions_and_metrics_scored_from_them(workspace, task, adapters, variant_dir):
+    config = config_for(workspace)
+    summary = run_finetune(config, task, adapters)
+    out = workspace / "runs" / task / variant_dir
+    for name in ("predictions.jsonl", "dev_predictions.jsonl", "metrics.json", "manifest.json",
+                 "metrics.jsonl", "curves.png", "best/model.safetensors"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists()
+    assert not list(out.parent.glob(".*partial"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(summary))
+    metric = TASKS[task].metric
+    assert metrics["test"] == pytest.approx(score_file(metric, out / "predictions.jsonl"))
+    assert metrics["dev"] == pytest.approx(score_file(metric, out / "dev_predictions.jsonl"))
+    test_rows = read_predictions(out / "predictions.jsonl")
+    assert [r["id"] for r in test_rows] == expected_ids(workspace, task, 2)
+    assert [r["id"] for r in read_predictions(out / "dev_predictions.jsonl")] == expected_ids(workspace, task, 1)
+    if TASKS[task].kind == "choice":  # upstream test files are unlabelled: predicted, not scored
+        assert metrics["test"] == {"examples": 10, "labelled": 0}
+        assert all(r["gold"] is None and r["predicted"] for r in test_rows)
+    else:
+        assert metrics["test"]["labelled"] == 10 and metrics["main_metric"] in metrics["test"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["fingerprint"] == run_fingerprint(config, task, manifest["variant"])
+    assert manifest["counts"]["train"]["examples"] == 24
+    assert set(manifest["inputs"]["adapters"]) == set(adapters.split(",")) - {"none"}
+
+
+def test_adapters_stay_frozen_while_encoder_and_head_train(workspace, tiny_model_dir):
+    run_finetune(config_for(workspace), "typing", "fac")
+    trained = load_file(str(workspace / "runs/typing/fac/best/model.safetensors"))
+    adapter = load_file(str(workspace / "fac-adapter/adapter.safetensors"))
+    for key, value in adapter.items():
+        torch.testing.assert_close(trained[f"kadapter.adapters.fac.{key[len('adapter.'):]}"], value,
+                                   rtol=0, atol=0)
+    original = load_file(str(tiny_model_dir / "model.safetensors"))
+    name = "roberta.encoder.layer.23.output.dense.weight"
+    assert not torch.equal(trained["kadapter.encoder.encoder.layer.23.output.dense.weight"], original[name])
+
+
+def test_selection_is_on_dev_and_test_is_predicted_once(workspace):
+    run_finetune(config_for(workspace, "--finetune.tacred.max_steps", "6"), "tacred", "none")
+    out = workspace / "runs/tacred/encoder"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    dev = [r for r in records if r["kind"] == "dev"]
+    assert {r["kind"] for r in records} == {"train", "dev"}  # no test evaluation while training
+    assert [r["step"] for r in dev] == [2, 3, 4, 6]  # every 2 steps and at each epoch's end
+    best = max(dev, key=lambda r: (r["f1"], -r["step"]))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selected_step"] == best["step"]
+    assert metrics["dev"]["f1"] == pytest.approx(best["f1"])
+
+
+def test_same_seed_same_bytes(workspace):
+    outputs = []
+    for run in ("a", "b"):
+        config = config_for(workspace, "--output_dir", str(workspace / f"repeat-{run}"))
+        run_finetune(config, "typing", "lin")
+        out = workspace / f"repeat-{run}/typing/lin"
+        outputs.append([(out / n).read_bytes() for n in ("predictions.jsonl", "dev_predictions.jsonl")])
+    assert outputs[0] == outputs[1]
+
+
+def test_too_long_examples_are_counted_and_scored_with_the_fallback(workspace):
+    # 16 tokens: special tokens, four markers and both mentions fit only where the two
+    # mentions are close together
+    config = config_for(workspace, "--finetune.tacred.max_length", "16",
+                        "--output_dir", str(workspace / "short"))
+    run_finetune(config, "tacred", "none")
+    out = workspace / "short/tacred/encoder"
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert 0 < counts["test"]["too_long"] < counts["test"]["examples"]
+    assert counts["train"]["encoded"] + counts["train"]["too_long"] == counts["train"]["examples"]
+    rows = read_predictions(out / "predictions.jsonl")
+    cut = [r for r in rows if r.get("too_long")]
+    assert len(cut) == counts["test"]["too_long"] and len(rows) == counts["test"]["examples"]
+    assert all(r["predicted"] == "no_relation" for r in cut)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--finetune.fac_adapter", "/nonexistent/fac"], "make pretrain-fac"),
+    (["--adapters", "fac,foo"], "must be none, fac, lin or fac,lin"),
+    (["--finetune.typing.overrides", "{fac+lin: {learning_rate: 1e-5}}"], "unknown variant"),
+    (["--finetune.typing.overrides", "{fac: {learning_rat: 1e-5}}"], "unknown key(s) ['learning_rat']"),
+    (["--finetune.typing.data_dir", "/nonexistent"], "train.json"),
+])
+def test_bad_configuration_is_a_clear_error(workspace, overrides, message):
+    with pytest.raises((ConfigError, FileNotFoundError), match=None) as info:
+        config = config_for(workspace, *overrides)
+        run_finetune(config, "typing", config.finetune.adapters if "--adapters" in overrides else "fac")
+    assert message in str(info.value)
+
+
+def test_variant_overrides_apply_to_that_variant_only(workspace):
+    from kadapter.finetune import variant_settings
+
+    config = config_for(workspace, "--finetune.typing.overrides",
+                        "{fac: {learning_rate: 5.0e-6, warmup_steps: 500}}")
+    assert variant_settings(config, "typing", "fac").learning_rate == 5e-6
+    assert variant_settings(config, "typing", "fac").warmup_steps == 500
+    assert variant_settings(config, "typing", "lin").learning_rate == 1e-3
+
+
+def test_finetune_all_skips_current_runs_and_writes_the_table(workspace, capsys):
+    from pipelines.finetune_all import main
+
+    config = config_for(workspace, "--tasks", "[typing]", "--variants", "[none, fac]",
+                        "--output_dir", str(workspace / "all"))
+    main(config)
+    first = (workspace / "all/typing/fac/predictions.jsonl").stat().st_mtime_ns
+    capsys.readouterr()
+    main(config)
+    assert capsys.readouterr().out.count("up to date") == 2
+    assert (workspace / "all/typing/fac/predictions.jsonl").stat().st_mtime_ns == first
+    table = (workspace / "results.md").read_text()
+    assert "| model | OpenEntity P | OpenEntity R | OpenEntity F1 |" in table
+    rows = [line for line in table.splitlines() if line.startswith(("| encoder", "| +F "))]
+    assert len(rows) == 4  # reported split and dev, one row per variant each
+    assert (workspace / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_table_reports_dev_where_test_is_unlabelled():
+    from pipelines.finetune_all import results_markdown
+
+    runs = {
+        ("tacred", "none"): {"dev": {"examples": 5, "labelled": 5, "precision": 0.5, "recall": 0.25, "f1": 1 / 3},
+                             "test": {"examples": 5, "labelled": 5, "precision": 1.0, "recall": 0.5, "f1": 2 / 3},
+                             "main_metric": "f1", "selected_step": 3, "steps": 4},
+        ("csqa", "none"): {"dev": {"examples": 4, "labelled": 4, "accuracy": 0.75},
+                           "test": {"examples": 4, "labelled": 0},
+                           "main_metric": "accuracy", "selected_step": 2, "steps": 4},
+    }
+    table = results_markdown(runs, ["tacred", "csqa"], ["none", "fac"], "x")
+    assert "TACRED test, CommonsenseQA dev" in table
+    assert "| encoder | 100.00 | 50.00 | 66.67 | 75.00 |" in table
+    assert "| encoder | 50.00 | 25.00 | 33.33 | 75.00 |" in table  # the dev table
+    assert "| +F | – | – | – | – |" in table
+    assert "| K-Adapter (F+L) | – | – | 72.04 | – |" in table
