@@ -64,10 +64,10 @@ $(DEPS): $(SETUP) $(CONFIG) $(LIB) pipelines/data_deps.py $(SAMPLE)
 
 pretrain: pretrain-fac pretrain-lin
 pretrain-fac: $(FAC)
-$(FAC): $(TREX) $(MODEL_DEPS) pipelines/pretrain.py
+$(FAC): $(TREX) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain.py
 	$(LAUNCH) -m pipelines.pretrain --config $(CONFIG) --task fac
 pretrain-lin: $(LIN)
-$(LIN): $(DEPS) $(MODEL_DEPS) pipelines/pretrain.py
+$(LIN): $(DEPS) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain.py
 	$(LAUNCH) -m pipelines.pretrain --config $(CONFIG) --task lin
 
 finetune: $(FINETUNE)
