@@ -11,8 +11,9 @@ Rules:
 - Values are checked against the field's type annotation (``int``, ``float``, ``str``,
   ``bool``, ``list[...]``, ``dict[str, ...]``, ``X | None``, nested dataclasses,
   ``Literal[...]``).
-- The string ``{preset}`` inside any string value is replaced by the preset's name,
-  so defaults like ``data/processed/{preset}/trex_rc`` follow the preset.
+- The string ``{preset}`` inside any string value, from the file or from a field's
+  default, is replaced by the preset's name, so defaults like
+  ``data/processed/{preset}/trex_rc`` follow the preset.
 - Overrides are ``--section.field value`` or, for the pipeline's own section,
   ``--field value``; values are parsed as YAML (``--workers 4``, ``--positions [0,11,23]``).
 """
@@ -168,12 +169,16 @@ def build(cls: type, data: Any, where: str) -> Any:
 
 
 def _substitute(value: Any, preset: str) -> Any:
+    """Replace ``{preset}`` in every string, also inside built dataclasses (their defaults)."""
     if isinstance(value, str):
         return value.replace("{preset}", preset)
     if isinstance(value, list):
         return [_substitute(v, preset) for v in value]
     if isinstance(value, dict):
         return {k: _substitute(v, preset) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            setattr(value, f.name, _substitute(getattr(value, f.name), preset))
     return value
 
 
@@ -250,9 +255,8 @@ def load_config(
     if not isinstance(preset, str) or not preset:
         raise ConfigError(f"{path}: preset must be a non-empty string")
     seed = coerce(raw.get("seed", 0), int, f"{path}:seed")
-    raw = _substitute(raw, preset)
     sections = {
-        name: build(section_class(name), raw[name], f"{path}:{name}")
+        name: _substitute(build(section_class(name), raw[name], f"{path}:{name}"), preset)
         for name in SECTIONS
         if name in raw
     }

@@ -3,7 +3,8 @@
 No model hub is reachable here, so the sample preset builds its own model, fully
 deterministically:
 - a byte-level BPE tokenizer trained with ``tokenizers`` on the shipped sample text
-  (every .txt/.json/.jsonl file under ``data/sample``, in sorted order);
+  (the lines of every .txt file and the string values of every .json/.jsonl file
+  under ``data/sample``, in sorted order);
 - a RoBERTa-architecture masked LM with 24 narrow layers (hidden 64, 4 heads,
   FFN 256), so adapter positions 0/11/23 mean what they mean for roberta-large,
   with weights drawn from a fixed seed.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,7 +33,7 @@ TINY_SPEC = {
     "intermediate_size": 256,
     "max_position_embeddings": 258,  # 256 tokens + RoBERTa's padding offset of 2
     "seed": 1234,
-    "builder": 2,  # bump when the build changes in a way the fields above do not show
+    "builder": 3,  # bump when the build changes in a way the fields above do not show
 }
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 CORPUS_SUFFIXES = (".txt", ".json", ".jsonl")
@@ -91,11 +93,32 @@ def _is_current(out_dir: Path, stamp: dict) -> bool:
         return False
 
 
+def _json_texts(value):
+    """The text-like string values of a JSON document (no keys, numbers or URIs)."""
+    if isinstance(value, str):
+        if value.strip() and not value.startswith(("http://", "https://")):
+            yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _json_texts(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _json_texts(item)
+
+
 def _corpus_lines(files: list[Path]):
+    """Lines of the .txt files and the string values of the .json/.jsonl files: the tokenizer
+    should spend its merges on words, not on JSON keys and character offsets."""
     for path in files:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                yield line
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            yield from _json_texts(json.loads(text))
+        elif path.suffix == ".jsonl":
+            for line in text.splitlines():
+                if line.strip():
+                    yield from _json_texts(json.loads(line))
+        else:
+            yield from (line for line in text.splitlines() if line.strip())
 
 
 def build_tiny_model(out_dir: str | Path, files: list[Path]) -> None:

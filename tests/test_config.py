@@ -28,7 +28,8 @@ def config_file(tmp_path):
 
 
 def test_loads_typed_sections_and_substitutes_preset(config_file):
-    config = load_config(config_file)
+    config = load_config(config_file, ["--model.tiny_corpus", "data/{preset}"])
+    assert config.model.tiny_corpus == "data/demo"
     assert config.preset == "demo" and config.seed == 7
     assert isinstance(config.model, ModelConfig) and isinstance(config.adapter, AdapterConfig)
     assert config.model.tiny_dir == "data/models/demo-tiny"
