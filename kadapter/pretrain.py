@@ -112,8 +112,9 @@ class PretrainConfig(TrainingConfig):
     output_dir: str | None = None
     """Run directory (adapter, metrics, checkpoints, manifest). None =
     runs/<preset>/fac-adapter or runs/<preset>/lin-adapter."""
-    cache_dir: str = "data/cache/{preset}/pretrain"
-    """Where tokenized features are cached (keyed by tokenizer, data and settings)."""
+    cache_dir: str = "data/processed/{preset}/features"
+    """Where tokenized features are cached, one directory per key (a hash of the task,
+    tokenizer, input files and max_length)."""
     max_length: int = 64
     """Maximum sequence length in sub-word tokens, special tokens included (paper: 64 for
     fac, 128 for lin; lin predicts one of max_length head positions)."""

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     known, rest = parser.parse_known_args(argv)
     if known.task is None:
         if any(a in ("-h", "--help") for a in rest):
-            print(__doc__)
+            print(__doc__ + "\nKeys of a section: --task fac --help")
+            raise SystemExit(0)
         print("error: --task fac|lin is required", file=sys.stderr)
         raise SystemExit(2)
 

@@ -130,6 +130,32 @@ def test_missing_column_is_an_input_error(tmp_path, tokenizer):
         fac_features(path, tokenizer, 64, RELATIONS)
 
 
+def test_corrupt_parquet_is_an_input_error(tmp_path, tokenizer):
+    path = tmp_path / "train.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        fac_features(path, tokenizer, 64, RELATIONS)
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    ([], 2, "--task fac|lin is required"),
+    (["--help"], 0, "--task fac|lin"),
+    (["--task", "lin", "--help"], 0, "--max_length"),
+    (["--task", "fac", "--bogus", "1"], 2, "unknown key(s) ['bogus']"),
+    (["--task", "fac", "--pooling", "cls"], 2, "is not one of ['entity', 'marker']"),
+    (["--task", "fac", "--data_dir", "MISSING"], 2, "train.parquet: not found"),
+])
+def test_command_line(tmp_path, capsys, tiny_model_dir, argv, code, message):
+    from pipelines.pretrain import main
+
+    argv = [str(tmp_path / a) if a == "MISSING" else a for a in argv]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == code
+    out = capsys.readouterr()
+    assert message in (out.out if code == 0 else out.err)
+
+
 # ------------------------------------------------------------------ linguistic features
 
 
