@@ -68,8 +68,8 @@ What the loop does (one optimizer step = ``grad_accumulation`` micro-batches per
   ``checkpoints/step-XXXXXXXX`` via a temporary directory and a rename; the newest
   ``keep_checkpoints`` are kept. ``resume=True`` loads the latest one, skips the batches
   already seen, truncates ``metrics.jsonl`` to its step, and continues: the final weights
-  equal those of an uninterrupted run with the same seed. ``output_dir`` must be on a
-  filesystem that every node sees.
+  equal those of an uninterrupted run with the same seed. Resume with the same number of
+  processes. ``output_dir`` must be on a filesystem that every node sees.
 - Only the main process prints, writes logs and plots.
 """
 
@@ -491,11 +491,15 @@ def train(
     # ---- fresh start or resume
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0,
                              "train_seconds": 0.0, "best": None, "best_step": None,
-                             "best_metrics": None, "last_metrics": None}
+                             "best_metrics": None, "last_metrics": None, "processes": world}
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if checkpoint is not None:
+        saved = read_json(checkpoint / STATE_FILE)
+        if saved["processes"] != world:  # the data position is per process
+            raise ValueError(f"{checkpoint} was written by {saved['processes']} process(es); "
+                             f"resume it with the same number, not {world}")
         accelerator.load_state(str(checkpoint))
-        state = read_json(checkpoint / STATE_FILE)
+        state = saved
         if main:
             print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})")
     elif main:

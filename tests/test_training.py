@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from kadapter.io import read_json
 from kadapter.training import (
     CHECKPOINTS,
     CURVES_FILE,
@@ -256,6 +257,15 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     lines = (tmp_path / "b" / "run" / METRICS_FILE).read_bytes().splitlines()
     steps = [(r["kind"], r["step"]) for r in map(orjson.loads, lines)]
     assert steps == [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "a" / "run")]
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path):
+    run(tmp_path, epochs=1)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    state = read_json(checkpoint / "training_state.json")
+    (checkpoint / "training_state.json").write_bytes(orjson.dumps({**state, "processes": 4}))
+    with pytest.raises(ValueError, match="written by 4 process"):
+        run(tmp_path, epochs=1, resume=True)
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
