@@ -18,7 +18,16 @@ DEFAULT_CONFIG = "configs/sample.yaml"
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a config dataclass (litgpt style)."""
+    """The docstring written under each field of a config dataclass (litgpt style),
+    inherited fields included (a subclass's docstring wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):

@@ -99,6 +99,12 @@ def test_stage_args_and_help(config_file, capsys):
     with pytest.raises(ConfigError, match="not found"):
         parse_stage_args("pipelines.x", "adapter", ["--config", "nope.yaml"])
     assert "positions" in field_docs(AdapterConfig)
+    # Inherited fields keep their docs: PretrainConfig extends the shared TrainingConfig.
+    from kadapter.pretrain import PretrainConfig
+    from kadapter.training import TrainingConfig
+
+    inherited = set(field_docs(TrainingConfig))
+    assert inherited and inherited <= set(field_docs(PretrainConfig))
     text = usage("pipelines.x", "adapter")
     assert "--init_std [default 0.0002]" in text and "close to the identity" in text
 
