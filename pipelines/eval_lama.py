@@ -118,8 +118,7 @@ def main(config: Config) -> dict[str, Any]:
         vocabulary = lama.CommonVocabulary(common_words, tokens)
     except ValueError as err:  # no candidate at all: the vocabulary does not fit this model
         raise InputError(cfg.common_vocab, None, f"{err} ({model_path})") from None
-    max_length = (tokenizer.model_max_length if tokenizer.model_max_length < 100_000
-                  else encoder.config.max_position_embeddings)
+    max_length = lama.max_query_length(tokenizer, encoder)
     print(f"{len(vocabulary.candidate_ids)} candidate tokens from {len(vocabulary.words)} common "
           f"words ({len(vocabulary.not_single_token)} are not one token of {model_path}); "
           f"object tokens {'space-prefixed' if tokens.space_prefixed else 'as written'}")

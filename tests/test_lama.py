@@ -672,3 +672,21 @@ def test_presets_hold_a_lama_section(preset):
     config = load_config(REPO / f"configs/{preset}.yaml")
     assert config.lama.output_dir == f"runs/{preset}/lama"
     assert config.lama.mlm_head.epochs == 2
+
+
+def test_queries_beyond_the_position_table_are_dropped_not_crashed(tmp_path, roberta_dir):
+    # The toy RoBERTa sets no model_max_length and has 66 positions, of which RoBERTa uses 64
+    # (position ids start after the pad id). With the template, a subject of n tokens makes a
+    # query of n + 7: 57 tokens -> 64 (kept), 58 -> 65 (too long for the encoder).
+    from pipelines.eval_lama import main
+
+    inputs = write_probe_inputs(tmp_path)
+    jsonl(Path(inputs["lama_dir"]) / "TREx/P19.jsonl",
+          [{"sub_label": "Albert" + " Einstein" * words, "obj_label": "Ulm"} for words in (56, 57)])
+    results = main(load_config(write_config(tmp_path, roberta_dir, inputs, variants=["encoder"],
+                                            subsets=["trex"])))
+    assert results["facts"]["trex"]["per_relation"]["P19"] == {
+        "read": 2, "kept": 1, "dropped_by_reason": {"query_too_long": 1}}
+    (kept,) = [r for r in read_rows(tmp_path / "out/trex/encoder/predictions.jsonl")
+               if r["relation"] == "P19"]
+    assert kept["sub_label"].count("Einstein") == 56
