@@ -28,7 +28,6 @@ Nothing is dropped silently: every skipped line and sentence is counted by reaso
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 import sys
 from collections import Counter, deque
@@ -52,6 +51,7 @@ from kadapter.io import (
     atomic_write_json,
     expand_inputs,
     file_fingerprint,
+    split_of,
     versions,
 )
 
@@ -444,15 +444,6 @@ def parse_batches(
 # --------------------------------------------------------------------------- split, write
 
 
-def split_of(text: str, seed: int, dev_fraction: float) -> str:
-    """``dev`` for a seeded-hash share ``dev_fraction`` of sentence texts, else ``train``.
-
-    Depends only on (seed, text): identical sentences always land in the same split.
-    """
-    digest = hashlib.sha256(f"{seed}\0{text}".encode()).digest()
-    return "dev" if int.from_bytes(digest[:8], "big") < dev_fraction * 2**64 else "train"
-
-
 class SplitWriter:
     """Streams records into one Parquet file, a row group every ROW_GROUP_ROWS rows."""
 
@@ -727,7 +718,6 @@ __all__ = [
     "head_labels",
     "head_labels_batch",
     "read_lines",
-    "split_of",
     "spacy_sentence_record",
     "stanza_sentence_record",
 ]

@@ -151,6 +151,16 @@ def versions() -> dict[str, str]:
     return found
 
 
+def split_of(key: str, seed: int, dev_fraction: float) -> str:
+    """``"dev"`` for a seeded-hash share ``dev_fraction`` of keys, else ``"train"``.
+
+    Depends only on (key, seed): the same key (a document id, a sentence) always lands on
+    the same side, whatever the file order or the number of workers.
+    """
+    digest = hashlib.blake2b(key.encode(), digest_size=8, key=str(seed).encode()).digest()
+    return "dev" if int.from_bytes(digest, "big") < dev_fraction * 2**64 else "train"
+
+
 def read_json(path: str | Path) -> Any:
     """Read a JSON file; errors name the file."""
     path = Path(path)

@@ -32,7 +32,6 @@ reasons + candidates; candidates = dropped by each filter + examples.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import re
 import shutil
@@ -48,7 +47,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kadapter.config import to_plain
-from kadapter.io import InputError, atomic_output_dir, atomic_write_json, expand_inputs, versions
+from kadapter.io import (
+    InputError,
+    atomic_output_dir,
+    atomic_write_json,
+    expand_inputs,
+    split_of,
+    versions,
+)
 
 WIKIDATA_ENTITY = "http://www.wikidata.org/entity/"
 WIKIDATA_PROPERTY = "http://www.wikidata.org/prop/direct/"
@@ -131,16 +137,6 @@ def short_id(uri: str) -> str:
 def relation_id(uri: str) -> str:
     """``http://www.wikidata.org/prop/direct/P37`` -> ``P37``."""
     return uri[len(WIKIDATA_PROPERTY):] if uri.startswith(WIKIDATA_PROPERTY) else uri
-
-
-def dev_threshold(dev_fraction: float) -> int:
-    return int(dev_fraction * 2**64)
-
-
-def is_dev(docid: str, seed: int, threshold: int) -> bool:
-    """Seeded hash split: the same docid always lands on the same side."""
-    digest = hashlib.blake2b(docid.encode(), digest_size=8, key=str(seed).encode()).digest()
-    return int.from_bytes(digest, "big") < threshold
 
 
 class BadRecord(Exception):
@@ -255,7 +251,6 @@ def scan_file(path: str, spill: str, seed: int, dev_fraction: float,
         stats["files_skipped"] += 1
         return fail(None, f"not valid JSON: {err}") or FileScan(entities, stats, 0)
 
-    threshold = dev_threshold(dev_fraction)
     relation_ids: dict[str, str] = {}  # predicate URI -> P-id, and excluded or not
     rows: set[tuple] = set()
     dropped: Counter = Counter()
@@ -278,7 +273,7 @@ def scan_file(path: str, spill: str, seed: int, dev_fraction: float,
             continue
         entities.update(uris)
         docid, text = doc["docid"], doc["text"]
-        dev = is_dev(docid, seed, threshold)
+        dev = split_of(docid, seed, dev_fraction) == "dev"
         stats["documents_dev" if dev else "documents_train"] += 1
         text_length, sentence_count = len(text), len(sentences)
         for position, triple in enumerate(triples):

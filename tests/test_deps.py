@@ -14,7 +14,7 @@ import pytest
 from kadapter import deps
 from kadapter.config import ConfigError, load_config
 from kadapter.deps import DepsConfig, build_deps, head_labels, head_labels_batch, read_lines
-from kadapter.io import InputError
+from kadapter.io import InputError, split_of
 
 REPO = Path(__file__).resolve().parents[1]
 X = deps.IGNORE_INDEX
@@ -173,7 +173,7 @@ def test_stage_writes_splits_and_manifest(tmp_path):
     texts = [r["text"] for split in deps.SPLITS for r in rows[split]]
     assert "The old man walked slowly down the road." in texts
     for split, records in rows.items():
-        assert all(deps.split_of(r["text"], 7, 0.3) == split for r in records)
+        assert all(split_of(r["text"], 7, 0.3) == split for r in records)
 
 
 def test_same_inputs_same_bytes_for_any_worker_count(tmp_path):
@@ -190,10 +190,10 @@ def test_same_inputs_same_bytes_for_any_worker_count(tmp_path):
 def test_seed_moves_sentences_between_splits(tmp_path):
     texts = [f"Sentence number {i} of the story." for i in range(2000)]
     for seed in (1, 2):
-        dev = [t for t in texts if deps.split_of(t, seed, 0.1) == "dev"]
+        dev = [t for t in texts if split_of(t, seed, 0.1) == "dev"]
         assert 140 < len(dev) < 260
-    assert [deps.split_of(t, 1, 0.1) for t in texts] != [deps.split_of(t, 2, 0.1) for t in texts]
-    assert all(deps.split_of(t, 1, 0.0) == "train" for t in texts)
+    assert [split_of(t, 1, 0.1) for t in texts] != [split_of(t, 2, 0.1) for t in texts]
+    assert all(split_of(t, 1, 0.0) == "train" for t in texts)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

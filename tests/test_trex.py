@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from kadapter.io import InputError
-from kadapter.trex import TrexConfig, build_trex_rc, is_dev, read_documents, short_id
+from kadapter.io import InputError, split_of
+from kadapter.trex import TrexConfig, build_trex_rc, read_documents, short_id
 
 ENTITY = "http://www.wikidata.org/entity/"
 PROP = "http://www.wikidata.org/prop/direct/"
@@ -206,7 +206,7 @@ def test_split_is_by_seeded_hash_of_docid(tmp_path):
     train_docs = {r["docid"] for r in rows["train"]}
     assert not dev_docs & train_docs and len(dev_docs | train_docs) == 200
     assert 30 <= len(dev_docs) <= 70
-    assert dev_docs == {d["docid"] for d in docs if is_dev(d["docid"], 11, int(0.25 * 2**64))}
+    assert dev_docs == {d["docid"] for d in docs if split_of(d["docid"], 11, 0.25) == "dev"}
     assert manifest["counts"]["documents_by_split"] == {"train": len(train_docs),
                                                        "dev": len(dev_docs)}
     _, reseeded, _ = run(tmp_path, path, dev_fraction=0.25, seed=12, name="reseeded")
