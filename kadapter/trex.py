@@ -52,6 +52,7 @@ from kadapter.io import (
     atomic_output_dir,
     atomic_write_json,
     expand_inputs,
+    file_fingerprint,
     split_of,
     versions,
 )
@@ -481,7 +482,7 @@ def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
         atomic_write_json(out / "relations.json", relations)
         manifest = {
             "stage": "data_trex",
-            "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in paths],
+            "inputs": [file_fingerprint(p, full_hash=False) for p in paths],  # tens of GB: no hash
             "parameters": {**to_plain(config), "output_dir": str(output_dir), "seed": seed},
             "counts": counts,
             "relations": {

@@ -25,9 +25,9 @@ from pipelines.common import run_stage
 def main(config: Config) -> None:
     from kadapter.trex import build_trex_rc
 
-    section = config.data_trex
-    output_dir = section.output_dir.replace("{preset}", config.preset)
-    manifest = build_trex_rc(section, seed=config.seed, output_dir=output_dir, progress=True)
+    output_dir = config.data_trex.output_dir
+    manifest = build_trex_rc(config.data_trex, seed=config.seed, output_dir=output_dir,
+                             progress=True)
     counts = manifest["counts"]
     print(
         f"{counts['triples_read']} triples -> {counts['candidates']} candidates -> "
