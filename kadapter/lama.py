@@ -505,13 +505,9 @@ def select_queries(subset: str, relations: list[Relation], tokens: ProbeTokens,
 
 def pad_batch(sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
+    """Token id sequences -> (input_ids, attention_mask), padded to the longest."""
+    batch = PadCollator({"input_ids": pad_id})([{"input_ids": seq} for seq in sequences])
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def rank_candidates(scores: torch.Tensor, candidate_ids: torch.Tensor, object_ids: torch.Tensor,
