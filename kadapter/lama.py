@@ -12,8 +12,10 @@ A fact becomes a query: the template with ``[X]`` = subject label and ``[Y]`` = 
 Each fact is kept or dropped for the first of these reasons that applies (every drop is
 written out with its reason):
 
-1. ``judgments_not_majority_yes`` (Google-RE): "yes" judgments must outnumber the others;
-   like LAMA, every judgment that is not "yes" counts as "no".
+1. ``judgments_not_majority_yes`` (Google-RE): "yes" judgments must outnumber the others
+   (every judgment that is not "yes" counts as "no", as in LAMA). This is stricter than
+   LAMA's code, which drops a fact only when "no" outnumbers "yes", so it keeps ties and
+   facts without judgments.
 2. ``object_not_single_token``: the object must be exactly one token of the model's
    vocabulary, in the form it takes mid-sentence after a space. Whether that form keeps
    the space is read off the tokenizer (``space_prefixed``): byte-level BPE (RoBERTa)

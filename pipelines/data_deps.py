@@ -32,5 +32,6 @@ def main(config: Config) -> None:
           f"from {counts['lines'].get('parsed', 0)} lines; dropped sentences: "
           f"{counts['sentences']['dropped'] or 'none'}; skipped lines: {skipped or 'none'}")
 
+
 if __name__ == "__main__":
     run_stage("pipelines.data_deps", "data_deps", main)
