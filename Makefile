@@ -70,11 +70,14 @@ pretrain-lin: $(LIN)
 $(LIN): $(DEPS) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain.py
 	$(LAUNCH) -m pipelines.pretrain --config $(CONFIG) --task lin
 
+# Each task x variant is one run, skipped when its inputs are unchanged. The sample preset
+# runs them all in one process (no launcher start-up 20 times); others launch each run.
+FINETUNE_LAUNCH := $(if $(filter sample,$(PRESET)),,$(LAUNCH))
 finetune: $(FINETUNE)
-$(FINETUNE): $(FAC) $(LIN) $(MODEL_DEPS) pipelines/finetune.py
-	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(LAUNCH)"
+$(FINETUNE): $(FAC) $(LIN) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/finetune.py pipelines/finetune_all.py $(SAMPLE)
+	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(FINETUNE_LAUNCH)"
 finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred: $(FAC) $(LIN) $(MODEL_DEPS)
-	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(LAUNCH)" --tasks $(subst finetune-,,$@)
+	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(FINETUNE_LAUNCH)" --tasks "[$(subst finetune-,,$@)]"
 
 eval-lama: $(LAMA)
 $(LAMA): $(FAC) $(LIN) $(MODEL_DEPS) $(CONFIG) $(LIB) $(SAMPLE) pipelines/eval_lama.py

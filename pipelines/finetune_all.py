@@ -10,8 +10,8 @@ redoes nothing current. With a launcher each run is its own process (``<launcher
 pipelines.finetune --config <resolved config> --task T --adapters A``), so multi-GPU
 launchers work and every run starts with fresh memory; without one they run here.
 
-Then it reads every run's metrics.json and writes finetune.results (results.md): rows
-encoder, +F, +L, +F+L; columns each task's metrics on test (on dev where the test file
+Then it reads the metrics.json of every run found under finetune.output_dir and writes
+finetune.results (results.md): rows encoder, +F, +L, +F+L; columns each task's metrics on test (on dev where the test file
 is unlabelled, as CommonsenseQA's and CosmosQA's are), the same on dev, and the paper's
 figures for reference; plus results.png, the main metric per task and variant.
 """
@@ -59,6 +59,7 @@ def main(config: Config) -> None:
         run_finetune,
         run_fingerprint,
     )
+    from kadapter.tasks import TASKS
 
     settings = config.finetune
     variants = [canonical_variant(v) for v in settings.variants]
@@ -80,12 +81,15 @@ def main(config: Config) -> None:
                     sys.exit(f"error: fine-tuning {task} with adapters {variant} failed")
             else:
                 run_finetune(config, task, variant)
+    # The table covers every task and variant, run now or before (missing ones show as –),
+    # so running one task (make finetune-tacred) never drops the others from it.
+    all_tasks, all_variants = list(TASKS), list(VARIANTS)
     runs = {(task, variant): read_json(run_dir(config, task, variant) / "metrics.json")
-            for task in settings.tasks for variant in variants
+            for task in all_tasks for variant in all_variants
             if (run_dir(config, task, variant) / "metrics.json").is_file()}
     results = Path(settings.results)
-    atomic_write_bytes(results, results_markdown(runs, settings.tasks, variants, config.preset).encode())
-    plot_results(runs, settings.tasks, variants, results.with_suffix(".png"))
+    atomic_write_bytes(results, results_markdown(runs, all_tasks, all_variants, config.preset).encode())
+    plot_results(runs, all_tasks, all_variants, results.with_suffix(".png"))
     print(f"wrote {results} and {results.with_suffix('.png')}")
 
 
@@ -138,7 +142,7 @@ def results_markdown(runs: dict[tuple[str, str], dict], tasks: list[str], varian
 
 def plot_results(runs: dict[tuple[str, str], dict], tasks: list[str], variants: list[str],
                  path: Path) -> None:
-    """Grouped bars: the main metric (percent) of each task, one bar per variant."""
+    """Grouped bars: the main metric (percent) of each task that has runs, one bar per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,6 +150,7 @@ def plot_results(runs: dict[tuple[str, str], dict], tasks: list[str], variants: 
 
     from kadapter.finetune import VARIANTS
 
+    tasks = [task for task in tasks if any((task, variant) in runs for variant in variants)]
     figure, axes = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 4))
     width = 0.8 / max(len(variants), 1)
     for i, variant in enumerate(variants):
