@@ -18,6 +18,7 @@ that is renamed into place only when everything is written.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -282,6 +283,27 @@ def prediction_rows(task: Task, labels: list[str], encoded: Encoded, logits: np.
             row.update(predicted=task.fallback(labels, example), too_long=True)
         rows.append(row)
     return rows
+
+
+def majority_baseline(task: Task, settings: TaskConfig, files: dict[str, Path], split: str) -> dict:
+    """Scores of predicting, for every example of ``split``, the most frequent training
+    label (type set, relation, or answer position; ties to the smallest): the bar a model
+    must clear."""
+    from collections import Counter
+
+    configured = settings.labels if settings.labels is not None else task.default_labels
+    train = task.reader(files["train"], configured)
+    target = task.reader(files[split], configured)
+    if task.kind == "choice":
+        counts = Counter(e.choice_labels.index(e.answer) for e in train if e.answer is not None)
+        position = min(counts, key=lambda p: (-counts[p], p))
+        predicted = [e.choice_labels[position] for e in target]
+    else:
+        counts = Counter(json.dumps(task.gold(e)) for e in train)
+        majority = json.loads(min(counts, key=lambda g: (-counts[g], g)))
+        predicted = [majority for _ in target]
+    return score(task.metric, [{"id": e.id, "gold": task.gold(e), "predicted": p}
+                               for e, p in zip(target, predicted)])
 
 
 def predict_logits(model: nn.Module, features: list[dict], pad_id: int, batch_size: int,

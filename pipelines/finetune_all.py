@@ -55,6 +55,8 @@ def main(config: Config) -> None:
     from kadapter.finetune import (
         VARIANTS,
         canonical_variant,
+        data_files,
+        majority_baseline,
         run_dir,
         run_finetune,
         run_fingerprint,
@@ -87,8 +89,15 @@ def main(config: Config) -> None:
     runs = {(task, variant): read_json(run_dir(config, task, variant) / "metrics.json")
             for task in all_tasks for variant in all_variants
             if (run_dir(config, task, variant) / "metrics.json").is_file()}
+    baselines = {}
+    for task in {task for task, _ in runs}:
+        task_settings = getattr(settings, task)
+        files = data_files(TASKS[task], task_settings, task)
+        baselines[task] = {split: majority_baseline(TASKS[task], task_settings, files, split)
+                           for split in ("dev", "test")}
     results = Path(settings.results)
-    atomic_write_bytes(results, results_markdown(runs, all_tasks, all_variants, config.preset).encode())
+    atomic_write_bytes(results, results_markdown(runs, all_tasks, all_variants, config.preset,
+                                                 baselines).encode())
     plot_results(runs, all_tasks, all_variants, results.with_suffix(".png"))
     print(f"wrote {results} and {results.with_suffix('.png')}")
 
@@ -110,23 +119,28 @@ def _table(rows: list[tuple[str, list[str]]], header: list[str]) -> list[str]:
 
 
 def results_markdown(runs: dict[tuple[str, str], dict], tasks: list[str], variants: list[str],
-                     preset: str) -> str:
-    """The paper-shaped tables (percentages) of every run found."""
+                     preset: str, baselines: dict[str, dict[str, dict]] | None = None) -> str:
+    """The paper-shaped tables (percentages) of every run found, with the majority-label
+    baseline of each task (``baselines[task][split]``) as the first row."""
+    baselines = baselines or {}
     from kadapter.finetune import VARIANTS
 
     header = ["model"] + [f"{TASK_TITLES[t]} {title}" for t in tasks for _, title in COLUMNS[t]]
     splits = {task: reported_split(runs, task) for task in tasks}
     lines = [f"# Fine-tuning results, preset `{preset}`", "",
              "Percentages. Model selection on dev only; the selected checkpoint is evaluated once.",
+             "majority (train): every example gets the most frequent training label (type set,",
+             "relation, answer position), the score a model must beat.",
              "Reported split per task: " + ", ".join(f"{TASK_TITLES[t]} {splits[t]}" for t in tasks)
              + " (dev where the test file is unlabelled).", ""]
-    reported = [(VARIANTS[v][1], [_cell(runs.get((t, v), {}).get(splits[t]), key)
-                                  for t in tasks for key, _ in COLUMNS[t]]) for v in variants]
-    lines += _table(reported, header)
-    lines += ["", "## Dev", ""]
-    dev = [(VARIANTS[v][1], [_cell(runs.get((t, v), {}).get("dev"), key)
-                             for t in tasks for key, _ in COLUMNS[t]]) for v in variants]
-    lines += _table(dev, header)
+    for title, split_of in (("", splits), ("## Dev", dict.fromkeys(tasks, "dev"))):
+        if title:
+            lines += ["", title, ""]
+        rows = [("majority (train)", [_cell(baselines.get(t, {}).get(split_of[t]), key)
+                                      for t in tasks for key, _ in COLUMNS[t]])]
+        rows += [(VARIANTS[v][1], [_cell(runs.get((t, v), {}).get(split_of[t]), key)
+                                   for t in tasks for key, _ in COLUMNS[t]]) for v in variants]
+        lines += _table(rows, header)
     lines += ["", "## Paper (RoBERTa-large; Wang et al. 2021, test)", ""]
     paper = [(label, [f"{PAPER[t][key][i]:.2f}" if key in PAPER.get(t, {}) else "–"
                       for t in tasks for key, _ in COLUMNS[t]])

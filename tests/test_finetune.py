@@ -212,9 +212,47 @@ def test_results_table_reports_dev_where_test_is_unlabelled():
                            "test": {"examples": 4, "labelled": 0},
                            "main_metric": "accuracy", "selected_step": 2, "steps": 4},
     }
-    table = results_markdown(runs, ["tacred", "csqa"], ["none", "fac"], "x")
+    baselines = {"tacred": {"test": {"precision": 1.0, "recall": 0.0, "f1": 0.0}, "dev": {}},
+                 "csqa": {"test": {"examples": 4, "labelled": 0}, "dev": {"accuracy": 0.25}}}
+    table = results_markdown(runs, ["tacred", "csqa"], ["none", "fac"], "x", baselines)
+    assert "| majority (train) | 100.00 | 0.00 | 0.00 | 25.00 |" in table
+    assert "| majority (train) | – | – | – | 25.00 |" in table
     assert "TACRED test, CommonsenseQA dev" in table
     assert "| encoder | 100.00 | 50.00 | 66.67 | 75.00 |" in table
     assert "| encoder | 50.00 | 25.00 | 33.33 | 75.00 |" in table  # the dev table
     assert "| +F | – | – | – | – |" in table
     assert "| K-Adapter (F+L) | – | – | 72.04 | – |" in table
+
+
+@pytest.mark.parametrize("task, train, dev, expected", [
+    # majority type set ["person"]: 1 correct of 2 predicted, of 2 gold
+    ("typing", [["person"], ["person"], ["time"]], [["person"], ["time"]],
+     {"precision": 0.5, "recall": 0.5, "f1": 0.5}),
+    # majority relation no_relation: nothing guessed
+    ("tacred", ["no_relation", "no_relation", "per:spouse"], ["per:spouse", "no_relation"],
+     {"precision": 1.0, "recall": 0.0, "f1": 0.0}),
+    # majority answer position 1 (B)
+    ("csqa", ["A", "B", "B"], ["B", "A"], {"accuracy": 0.5}),
+])
+def test_majority_baseline(tmp_path, task, train, dev, expected):
+    from kadapter.finetune import TaskConfig, data_files, majority_baseline
+
+    def write(name, golds):
+        path = tmp_path / name
+        if task == "typing":
+            path.write_text(json.dumps([{"sent": "Ada ran .", "start": 0, "end": 3, "labels": g} for g in golds]))
+        elif task == "tacred":
+            path.write_text(json.dumps([{"id": f"{name}{i}", "relation": g, "token": ["Ada", "met", "Bob"],
+                                         "subj_start": 0, "subj_end": 0, "obj_start": 2, "obj_end": 2}
+                                        for i, g in enumerate(golds)]))
+        else:
+            choices = [{"label": label, "text": label.lower()} for label in "AB"]
+            path.write_text("".join(json.dumps({"answerKey": g, "id": f"{name}{i}", "question": {
+                "stem": "Which?", "choices": choices}}) + "\n" for i, g in enumerate(golds)))
+
+    spec = TASKS[task]
+    write(spec.files[0], train)
+    write(spec.files[1], dev)
+    files = data_files(spec, TaskConfig(data_dir=str(tmp_path)), task)
+    assert majority_baseline(spec, TaskConfig(data_dir=str(tmp_path)), files, "dev") == pytest.approx(
+        {"examples": 2, "labelled": 2, **expected})
