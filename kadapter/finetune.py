@@ -119,21 +119,26 @@ class FinetuneConfig:
     results: str = "runs/{preset}/results.md"
     """The paper-shaped results table written by pipelines.finetune_all (a PNG chart of
     the main metric per task and variant is written beside it)."""
-    launcher: str = ""
+    launcher: str | None = None
     """pipelines.finetune_all: command that starts each run (e.g. ``.venv/bin/accelerate
-    launch``); empty = run every task and variant in this process."""
+    launch``); null or empty = run every task and variant in this process."""
     resume: bool = False
     """Continue an interrupted run from its latest checkpoint."""
     typing: TaskConfig = _task("data/sample/openentity")
-    """OpenEntity entity typing."""
+    """OpenEntity entity typing: a TaskConfig (its keys: kadapter/finetune.py and training.py);
+    override one key as --finetune.typing.<key> value."""
     figer: TaskConfig = _task("data/sample/figer")
-    """FIGER entity typing."""
+    """FIGER entity typing: a TaskConfig (its keys: kadapter/finetune.py and training.py);
+    override one key as --finetune.figer.<key> value."""
     csqa: TaskConfig = _task("data/sample/csqa")
-    """CommonsenseQA multiple choice."""
+    """CommonsenseQA multiple choice: a TaskConfig (its keys: kadapter/finetune.py and training.py);
+    override one key as --finetune.csqa.<key> value."""
     cosmosqa: TaskConfig = _task("data/sample/cosmosqa")
-    """CosmosQA multiple choice."""
+    """CosmosQA multiple choice: a TaskConfig (its keys: kadapter/finetune.py and training.py);
+    override one key as --finetune.cosmosqa.<key> value."""
     tacred: TaskConfig = _task("data/sample/tacred")
-    """TACRED relation classification."""
+    """TACRED relation classification: a TaskConfig (its keys: kadapter/finetune.py and training.py);
+    override one key as --finetune.tacred.<key> value."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,7 @@ def results_markdown(runs: dict[tuple[str, str], dict], tasks: list[str], varian
     lines += _table(paper, header)
     lines += ["", "## Runs", "", "| task | variant | selected step / steps | dev examples | test examples |",
               "|---|---|---|---|---|"]
-    for (task, variant), metrics in sorted(runs.items()):
+    for (task, variant), metrics in ((key, runs[key]) for key in product(tasks, variants) if key in runs):
         lines.append(f"| {TASK_TITLES[task]} | {VARIANTS[variant][1]} | {metrics['selected_step']} / "
                      f"{metrics['steps']} | {metrics['dev']['examples']} | {metrics['test']['examples']} |")
     return "\n".join(lines) + "\n"
