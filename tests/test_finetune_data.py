@@ -214,3 +214,36 @@ def test_tasks_encode_and_collate(tiny_model_dir, repo_root):
             tokens = batch["input_ids"].gather(1, markers)
             assert set(tokenizer.convert_ids_to_tokens(tokens.flatten().tolist())) <= {"@", "#"}
             assert bool((starts > markers).all())
+
+
+@pytest.mark.parametrize("pooling, expected", [("span", [2.5, 4.5]), ("marker", [1.0, 3.0])])
+def test_mention_head_pooling(pooling, expected):
+    from kadapter.tasks import MentionHead
+
+    head = MentionHead(hidden_size=1, num_labels=1, n_mentions=2, dropout=0.0, pooling=pooling)
+    torch.nn.init.ones_(head.out.weight)
+    torch.nn.init.zeros_(head.out.bias)
+    features = torch.arange(6, dtype=torch.float32).view(1, 6, 1)  # state of token t = t
+    batch = {"span_start": torch.tensor([[2, 4]]), "span_end": torch.tensor([[4, 6]]),
+             "marker": torch.tensor([[1, 3]])}
+    # logit = subject pooled + object pooled: span (2+3)/2 + (4+5)/2 = 7, markers 1 + 3 = 4
+    assert head(features, batch).item() == pytest.approx(sum(expected))
+
+
+def test_pipeline_reports_bad_input_in_one_line(tmp_path, repo_root, capsys):
+    from pipelines.common import run_stage
+    from pipelines.finetune import main
+
+    data = tmp_path / "openentity"
+    data.mkdir()
+    for name in ("train.json", "dev.json", "test.json"):
+        (data / name).write_text(json.dumps([GOOD_TYPING]))
+    (data / "dev.json").write_text(json.dumps([GOOD_TYPING, {**GOOD_TYPING, "end": 99}]))
+    with pytest.raises(SystemExit) as info:
+        run_stage("pipelines.finetune", "finetune", main,
+                  ["--config", str(repo_root / "configs/sample.yaml"), "--task", "typing",
+                   "--finetune.typing.data_dir", str(data), "--output_dir", str(tmp_path / "runs")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {data / 'dev.json'}, record 1: mention [0, 99) is empty or outside a sentence of 13 characters")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics.json"))
