@@ -685,7 +685,9 @@ def train(
     dev_metrics = state["last_metrics"]
     if config.select_metric is not None and state["best_step"] is not None:
         accelerator.wait_for_everyone()
-        load_model(plain, str(output_dir / BEST_DIR / "model.safetensors"), device=str(device))
+        # safetensors takes "cpu" but not the "cpu:0" a multi-process CPU run reports.
+        target = "cpu" if device.type == "cpu" else str(device)
+        load_model(plain, str(output_dir / BEST_DIR / "model.safetensors"), device=target)
         dev_metrics = state["best_metrics"]
     if main:
         writer.close()
