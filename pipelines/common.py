@@ -8,6 +8,7 @@ import inspect
 import os
 import sys
 import textwrap
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,8 +48,6 @@ def _own_field_docs(cls: type) -> dict[str, str]:
 
 
 def usage(module: str, section: str) -> str:
-    cls = section_class(section)
-    docs = field_docs(cls)
     lines = [
         f"usage: python -m {module} [--config PATH] [--key value ...]",
         "",
@@ -56,14 +55,26 @@ def usage(module: str, section: str) -> str:
         f"Keys of section '{section}' (override with --key value or --{section}.key value;",
         "other sections with --section.key value; values are YAML):",
     ]
-    defaults = to_plain(cls()) if _has_all_defaults(cls) else {}
-    for field in dataclasses.fields(cls):
-        default = f" [default {defaults[field.name]!r}]" if field.name in defaults else ""
-        lines.append(f"  --{field.name}{default}")
-        if field.name in docs:
-            lines.append(textwrap.fill(docs[field.name], 88, initial_indent=" " * 6,
-                                       subsequent_indent=" " * 6))
+    _describe_fields(section_class(section), "", lines)
     return "\n".join(lines)
+
+
+def _describe_fields(cls: type, prefix: str, lines: list[str]) -> None:
+    """One entry per field; a field that is itself a config dataclass is expanded."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+    defaults = to_plain(cls()) if _has_all_defaults(cls) else {}
+    indent = " " * (2 + 2 * prefix.count("."))
+    for field in dataclasses.fields(cls):
+        name = f"{prefix}{field.name}"
+        nested = dataclasses.is_dataclass(hints[field.name])
+        default = "" if nested or field.name not in defaults else f" [default {defaults[field.name]!r}]"
+        lines.append(f"{indent}--{name}{default}")
+        if field.name in docs:
+            lines.append(textwrap.fill(docs[field.name], 88, initial_indent=indent + " " * 4,
+                                       subsequent_indent=indent + " " * 4))
+        if nested:
+            _describe_fields(hints[field.name], f"{name}.", lines)
 
 
 def _has_all_defaults(cls: type) -> bool:
