@@ -4,6 +4,9 @@ selection, determinism, bad input, and the results table of pipelines.finetune_a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,3 +259,57 @@ def test_majority_baseline(tmp_path, task, train, dev, expected):
     files = data_files(spec, TaskConfig(data_dir=str(tmp_path)), task)
     assert majority_baseline(spec, TaskConfig(data_dir=str(tmp_path)), files, "dev") == pytest.approx(
         {"examples": 2, "labelled": 2, **expected})
+
+
+def test_interrupted_finetuning_resumes_to_identical_weights(workspace, monkeypatch):
+    short = ("--finetune.typing.max_steps", "6", "--finetune.typing.save_every", "2")
+    run_finetune(config_for(workspace, *short, "--output_dir", str(workspace / "straight")),
+                 "typing", "fac")
+
+    task = TASKS["typing"]
+    calls = {"n": 0}
+
+    def crashing_loss(logits, targets, original=task.loss):
+        calls["n"] += 1
+        if calls["n"] == 5:  # step 5 of 6, after the step-4 checkpoint
+            raise KeyboardInterrupt("simulated interruption")
+        return original(logits, targets)
+
+    resumed = config_for(workspace, *short, "--output_dir", str(workspace / "resumed"))
+    monkeypatch.setattr(task, "loss", crashing_loss)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(resumed, "typing", "fac")
+    monkeypatch.undo()
+    assert not (workspace / "resumed/typing/fac").exists()  # only the hidden .partial is left
+    run_finetune(config_for(workspace, *short, "--output_dir", str(workspace / "resumed"),
+                            "--resume", "true"), "typing", "fac")
+
+    straight, again = workspace / "straight/typing/fac", workspace / "resumed/typing/fac"
+    assert json.loads((again / "manifest.json").read_text())["training"]["resumed_from"] == 4
+    for name in ("best/model.safetensors", "predictions.jsonl", "dev_predictions.jsonl", "metrics.json"):
+        assert (again / name).read_bytes() == (straight / name).read_bytes(), name
+
+
+def test_two_process_cpu_run_reloads_the_best_weights(workspace, repo_root):
+    """torchrun starts 2 CPU processes (gloo); both reload the selected weights (a path that
+    once failed on the 'cpu:0' device a multi-process CPU run reports)."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    done = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "-m", "pipelines.finetune", "--config",
+         str(workspace / "test.yaml"), "--task", "tacred", "--adapters", "fac",
+         "--output_dir", str(workspace / "ddp"), "--finetune.tacred.max_steps", "4"],
+        capture_output=True, text=True, cwd=repo_root, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = workspace / "ddp/tacred/fac"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parameters"]["processes"] == 2 and manifest["training"]["steps"] == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    dev = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "dev"}
+    assert metrics["selected_step"] in dev
+    # dev predicted again after training, with the reloaded weights, scores as at selection
+    assert metrics["dev"]["f1"] == pytest.approx(dev[metrics["selected_step"]]["f1"])
+    assert [r["id"] for r in read_predictions(out / "dev_predictions.jsonl")] == \
+        expected_ids(workspace, "tacred", 1)
+    assert done.stdout.count("tacred +F: dev f1") == 1  # only the main process prints
