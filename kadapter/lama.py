@@ -49,17 +49,15 @@ adapters and LM head stay frozen; only the mixes train.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kadapter.io import InputError
+from kadapter.io import InputError, read_jsonl
 from kadapter.training import PadCollator, TrainingConfig
 
 SUBSETS = ("google_re", "uhn_google_re", "trex", "uhn_trex")
@@ -197,21 +195,6 @@ class Relation:
     name: str
     template: str
     facts: list[Fact]
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line; bad JSON names the file and line."""
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError as err:
-                raise InputError(path, f"line {number}", f"not valid JSON: {err}") from None
-            if not isinstance(record, dict):
-                raise InputError(path, f"line {number}", "expected a JSON object")
-            yield number, record
 
 
 def check_template(template: Any, path: Path, record: str) -> str:

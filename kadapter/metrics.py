@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from kadapter.io import InputError, atomic_write_bytes
+from kadapter.io import InputError, atomic_write_bytes, read_jsonl
 
 NO_RELATION = "no_relation"
 
@@ -140,17 +140,10 @@ def write_predictions(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """Read a predictions file; a malformed line is an InputError naming file and line."""
     rows = []
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError as err:
-                raise InputError(path, f"line {number}", f"not valid JSON: {err}") from err
-            if not isinstance(row, dict) or not {"id", "gold", "predicted"} <= row.keys():
-                raise InputError(path, f"line {number}", "expected an object with id, gold, predicted")
-            rows.append(row)
+    for number, row in read_jsonl(path):
+        if not {"id", "gold", "predicted"} <= row.keys():
+            raise InputError(path, f"line {number}", "expected an object with id, gold, predicted")
+        rows.append(row)
     return rows
 
 

@@ -24,7 +24,7 @@ the caller can count it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kadapter.io import InputError
+from kadapter.io import InputError, read_jsonl
 from kadapter.spans import MarkedText, gather_positions, mark_spans, span_mean, token_span
 
 OPENENTITY_TYPES = sorted(
@@ -108,21 +108,6 @@ def _json_list(path: Path) -> list[Any]:
     if not isinstance(data, list):
         raise InputError(path, None, f"expected a JSON list of records, got {type(data).__name__}")
     return data
-
-
-def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """(``line N``, record) for every non-blank line."""
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as err:
-        raise FileNotFoundError(f"{path}: cannot read: {err}") from err
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"line {number}", orjson.loads(line)
-        except orjson.JSONDecodeError as err:
-            raise InputError(path, f"line {number}", f"not valid JSON: {err}") from err
 
 
 class _Record:
@@ -222,10 +207,10 @@ def read_csqa(path: str | Path, allowed: Sequence[str] | None = None) -> list[Ch
     """CommonsenseQA JSONL ``{id, answerKey?, question: {stem, choices: [{label, text}]}}``."""
     path = Path(path)
     examples = []
-    for where, raw in _jsonl(path):
-        record = _Record(path, where, raw)
+    for number, raw in read_jsonl(path):
+        record = _Record(path, f"line {number}", raw)
         example_id = record.get("id", str)
-        record.where = f"{where} (id {example_id})"
+        record.where = f"line {number} (id {example_id})"
         question = record.get("question", dict)
         stem = record.text("stem", record=question)
         choices = record.get("choices", list, record=question)
@@ -255,9 +240,9 @@ def read_cosmosqa(path: str | Path, allowed: Sequence[str] | None = None) -> lis
     """CosmosQA JSONL ``{id?, context, question, answer0..answer3, label?}``."""
     path = Path(path)
     examples = []
-    for where, raw in _jsonl(path):
-        record = _Record(path, where, raw)
-        example_id = str(raw.get("id", f"{path.stem}-{where.split()[-1]}"))
+    for number, raw in read_jsonl(path):
+        record = _Record(path, f"line {number}", raw)
+        example_id = str(raw.get("id", f"{path.stem}-{number}"))
         context, question = record.text("context"), record.text("question")
         answers = tuple(record.get(f"answer{i}", str) for i in range(len(COSMOS_CHOICES)))
         label = record.get("label", (int, str), required=False)

@@ -124,6 +124,7 @@ def test_predictions_file_round_trip(tmp_path):
 @pytest.mark.parametrize("content, problem", [
     (b'{"id": 1, "gold": "A", "predicted": "A"}\n{"id": 2, "gold": \n', "line 2: not valid JSON"),
     (b'{"id": 1, "gold": "A"}\n', "line 1: expected an object with id, gold, predicted"),
+    (b'\n["q1", "A", "A"]\n', "line 2: expected a JSON object, got list"),
 ])
 def test_malformed_predictions_file(tmp_path, content, problem):
     path = tmp_path / "predictions.jsonl"
