@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from kadapter.config import Config, ConfigError, build, to_plain
-from kadapter.io import atomic_write_json, file_fingerprint, fingerprint_of, versions
+from kadapter.io import atomic_write_json, file_fingerprint, fingerprint_of, replace_dir, versions
 from kadapter.metrics import main_metric, score, score_file, write_predictions
 from kadapter.tasks import TASKS, Encoded, Task, collate
 from kadapter.training import (
@@ -192,14 +191,18 @@ def run_fingerprint(config: Config, task_name: str, variant: str) -> str:
     """Everything a run's result depends on: settings, seed, model, data and adapter bytes."""
     settings = variant_settings(config, task_name, variant)
     files = data_files(TASKS[task_name], settings, task_name)
-    adapters = {name: [file_fingerprint(p) for p in sorted(path.glob("*")) if p.is_file()]
-                for name, path in adapter_dirs(config, variant).items()}
     return fingerprint_of({
         "task": task_name, "variant": variant, "settings": to_plain(settings), "seed": config.seed,
         "model": to_plain(config.model), "combine": config.finetune.combine,
         "data": {split: file_fingerprint(path) for split, path in files.items() if path.is_file()},
-        "adapters": adapters,
+        "adapters": adapter_fingerprints(config, variant),
     })
+
+
+def adapter_fingerprints(config: Config, variant: str) -> dict[str, list[dict[str, Any]]]:
+    """Every file of each adapter directory the variant loads, hashed."""
+    return {name: [file_fingerprint(p) for p in sorted(path.glob("*")) if p.is_file()]
+            for name, path in adapter_dirs(config, variant).items()}
 
 
 # ------------------------------------------------------------------------------ model
@@ -422,8 +425,7 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
             "inputs": {
                 "data": {split: file_fingerprint(path) for split, path in files.items()},
                 "model": config.model.name_or_path,
-                "adapters": {name: [file_fingerprint(p) for p in sorted(path.glob("*")) if p.is_file()]
-                             for name, path in adapter_dirs(config, variant).items()},
+                "adapters": adapter_fingerprints(config, variant),
             },
             "parameters": {"settings": to_plain(settings), "training": to_plain(loop_config),
                            "combine": config.finetune.combine, "seed": config.seed,
@@ -447,13 +449,3 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
     accelerator.wait_for_everyone()
     return summary
 
-
-def replace_dir(source: Path, final: Path) -> None:
-    """Rename ``source`` over ``final`` (the old one removed only after the swap)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(source, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(source, final)

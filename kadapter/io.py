@@ -66,16 +66,23 @@ def atomic_output_dir(final: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual mode
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(source: str | Path, final: str | Path) -> None:
+    """Rename the directory ``source`` over ``final`` (an old ``final`` is moved aside
+    first and removed only after the swap)."""
+    final = Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(source, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, final)
 
 
 def expand_inputs(spec: str | Path | list[str], suffixes: tuple[str, ...] = ()) -> list[Path]:
