@@ -441,20 +441,10 @@ class TypingTask(Task):
             {label for example in examples for label in example.labels})
 
     def encode(self, examples, tokenizer, labels, max_length):
-        index = {label: i for i, label in enumerate(labels)}
         inputs = encode_marked(tokenizer, [e.text for e in examples],
                                [[(e.start, e.end, "@")] for e in examples], max_length)
-        encoded = Encoded([], [], [], list(examples))
-        for example, item in zip(examples, inputs):
-            if item is None:
-                encoded.too_long.append(example)
-                continue
-            target = [0.0] * len(labels)
-            for label in example.labels:
-                target[index[label]] = 1.0
-            encoded.features.append(_mention_feature(item, target))
-            encoded.examples.append(example)
-        return encoded
+        targets = [[float(label in e.labels) for label in labels] for e in examples]  # multi-hot
+        return _mention_split(examples, inputs, targets)
 
     def head(self, hidden_size, num_labels, dropout, pooling):
         return MentionHead(hidden_size, num_labels, 1, dropout, pooling)
@@ -491,14 +481,7 @@ class RelationTask(Task):
         index = {label: i for i, label in enumerate(labels)}
         texts, spans = zip(*(relation_text(e) for e in examples)) if examples else ((), ())
         inputs = encode_marked(tokenizer, list(texts), list(spans), max_length)
-        encoded = Encoded([], [], [], list(examples))
-        for example, item in zip(examples, inputs):
-            if item is None:
-                encoded.too_long.append(example)
-                continue
-            encoded.features.append(_mention_feature(item, index[example.relation]))
-            encoded.examples.append(example)
-        return encoded
+        return _mention_split(examples, inputs, [index[e.relation] for e in examples])
 
     def head(self, hidden_size, num_labels, dropout, pooling):
         return MentionHead(hidden_size, num_labels, 2, dropout, pooling)
@@ -561,15 +544,24 @@ class ChoiceTask(Task):
         return example.choice_labels[int(logits.argmax())]
 
 
-
-def _mention_feature(item: MarkedInput, target: Any) -> dict[str, Any]:
-    return {
-        "input_ids": item.input_ids,
-        "span_start": [s for s, _ in item.spans],
-        "span_end": [e for _, e in item.spans],
-        "marker": item.markers,
-        "labels": target,
-    }
+def _mention_split(examples: list[Any], inputs: list[MarkedInput | None],
+                   targets: list[Any]) -> Encoded:
+    """A mention task's split: one feature per example whose markers fit, the others
+    kept as too long."""
+    encoded = Encoded([], [], [], list(examples))
+    for example, item, target in zip(examples, inputs, targets, strict=True):
+        if item is None:
+            encoded.too_long.append(example)
+            continue
+        encoded.features.append({
+            "input_ids": item.input_ids,
+            "span_start": [s for s, _ in item.spans],
+            "span_end": [e for _, e in item.spans],
+            "marker": item.markers,
+            "labels": target,
+        })
+        encoded.examples.append(example)
+    return encoded
 
 
 TASKS: dict[str, Task] = {
