@@ -133,10 +133,11 @@ class PretrainConfig(TrainingConfig):
 
 
 def resolve_paths(section: PretrainConfig, task: str, preset: str) -> tuple[Path, Path, Path]:
-    """(data_dir, output_dir, cache_dir) with the task defaults and ``{preset}`` filled in."""
+    """(data_dir, output_dir, cache_dir), the first two defaulting per task (the config
+    has already put the preset's name in place of ``{preset}``)."""
     data = section.data_dir or f"data/processed/{preset}/{'trex_rc' if task == 'fac' else 'deps'}"
     out = section.output_dir or f"runs/{preset}/{task}-adapter"
-    return tuple(Path(p.replace("{preset}", preset)) for p in (data, out, section.cache_dir))
+    return Path(data), Path(out), Path(section.cache_dir)
 
 
 # --------------------------------------------------------------------------- features
