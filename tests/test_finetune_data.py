@@ -60,6 +60,50 @@ def test_sample_files_load_in_the_real_format(repo_root, task):
     assert counts[spec.files[0]] > counts[spec.files[1]]
 
 
+def _example_key(example) -> tuple:
+    """What makes two examples the same input: sentence and mention(s), or the question
+    (and CosmosQA's context)."""
+    if isinstance(example, TypingExample):
+        return example.text, example.start, example.end
+    if isinstance(example, RelationExample):
+        return example.tokens, example.subj, example.obj
+    return example.context, example.question
+
+
+@pytest.mark.parametrize("task", sorted(SAMPLE))
+def test_sample_splits_share_no_example(repo_root, task):
+    """A dev or test example seen in training (or twice in one file) measures memory, not
+    the task: the old CosmosQA and CommonsenseQA samples repeated most dev questions."""
+    spec = TASKS[task]
+    seen: set[tuple] = set()
+    for name in spec.files:
+        keys = [_example_key(e) for e in spec.reader(repo_root / SAMPLE[task] / name, spec.default_labels)]
+        assert len(set(keys)) == len(keys), f"{name}: an example repeats"
+        assert not seen & set(keys), f"{name}: examples of an earlier split"
+        seen |= set(keys)
+
+
+@pytest.mark.parametrize("task", ["csqa", "cosmosqa"])
+def test_sample_choice_answers_need_the_question(repo_root, task):
+    """No surface rule finds the answer: neither the longest answer nor the answer text most
+    often right in training beats chance on dev, and no answer position dominates."""
+    from collections import Counter
+
+    spec = TASKS[task]
+    train, dev = (spec.reader(repo_root / SAMPLE[task] / name) for name in spec.files[:2])
+    chance = 1 / len(dev[0].choices)
+
+    def right(e):
+        return e.choice_labels.index(e.answer)
+
+    wins = Counter(e.choices[right(e)] for e in train)
+    rules = {"longest": lambda e: max(range(len(e.choices)), key=lambda i: len(e.choices[i])),
+             "most often right": lambda e: max(range(len(e.choices)), key=lambda i: wins[e.choices[i]])}
+    for rule, pick in rules.items():
+        assert sum(pick(e) == right(e) for e in dev) / len(dev) <= chance + 0.05, rule
+    assert Counter(map(right, train)).most_common(1)[0][1] / len(train) <= chance + 0.05
+
+
 def test_sample_tacred_labels_and_spans(repo_root):
     examples = read_tacred(repo_root / SAMPLE["tacred"] / "train.json")
     relations = {e.relation for e in examples}
