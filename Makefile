@@ -16,6 +16,12 @@ LAUNCH_ARGS ?=
 LAUNCH := $(VENV)/bin/accelerate launch $(LAUNCH_ARGS)
 SETUP := $(VENV)/.kadapter-installed
 
+# The sample preset's tiny model (64 wide) gains nothing from intra-op threads, and
+# spinning threads stall steps for seconds when the cores are shared: one thread.
+ifeq ($(PRESET),sample)
+export OMP_NUM_THREADS ?= 1
+endif
+
 PROC := data/processed/$(PRESET)
 RUNS := runs/$(PRESET)
 LIB := $(wildcard kadapter/*.py) pipelines/common.py
