@@ -257,6 +257,8 @@ def prepare_data(task: Task, settings: TaskConfig, files: dict[str, Path], token
     counts: dict[str, dict[str, int]] = {}
     negatives_dropped = 0
     if settings.max_train_negatives is not None:
+        if task.kind != "relation":
+            raise ConfigError(f"finetune.{task.name}.max_train_negatives is for TACRED only")
         kept, negatives = [], 0
         for example in examples["train"]:
             if example.relation == "no_relation":

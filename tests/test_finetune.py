@@ -168,6 +168,7 @@ def test_too_long_examples_are_counted_and_scored_with_the_fallback(workspace):
     (["--finetune.typing.overrides", "{fac+lin: {learning_rate: 1e-5}}"], "unknown variant"),
     (["--finetune.typing.overrides", "{fac: {learning_rat: 1e-5}}"], "unknown key(s) ['learning_rat']"),
     (["--finetune.typing.data_dir", "/nonexistent"], "train.json"),
+    (["--finetune.typing.max_train_negatives", "3"], "max_train_negatives is for TACRED only"),
 ])
 def test_bad_configuration_is_a_clear_error(workspace, overrides, message):
     with pytest.raises((ConfigError, FileNotFoundError), match=None) as info:
