@@ -274,8 +274,11 @@ def prepare_data(task: Task, settings: TaskConfig, files: dict[str, Path], token
         counts[split] = {"examples": len(split_examples), "encoded": len(encoded[split].features),
                          "too_long": len(encoded[split].too_long)}
     counts["train"]["negatives_dropped"] = negatives_dropped
-    if not encoded["train"].features:
-        raise ConfigError(f"{files['train']}: no training example fits max_length {settings.max_length}")
+    for split, purpose in (("train", "train on"), ("dev", "select the model with")):
+        if not encoded[split].features:
+            raise ConfigError(f"{files[split]}: no example to {purpose} ({counts[split]['examples']} "
+                              f"read, {counts[split]['too_long']} longer than max_length "
+                              f"{settings.max_length})")
     return Splits(labels, encoded, counts)
 
 

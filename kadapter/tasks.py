@@ -273,6 +273,8 @@ def encode_marked(tokenizer, texts: Sequence[str], spans: Sequence[list[tuple[in
     The window around the markers keeps them all and centres them in what is left;
     None when the markers alone span more than ``max_length`` minus the special tokens.
     """
+    if not texts:  # the tokenizer fails on an empty batch
+        return []
     marked = [mark_spans(text, text_spans) for text, text_spans in zip(texts, spans)]
     encoded = tokenizer([m.text for m in marked], return_offsets_mapping=True,
                         return_special_tokens_mask=True)
@@ -509,6 +511,8 @@ class ChoiceTask(Task):
         return []  # the answer is a position among each example's own choices
 
     def encode(self, examples, tokenizer, labels, max_length):
+        if not examples:  # the tokenizer fails on an empty batch
+            return Encoded([], [], [], [])
         firsts, seconds = [], []
         for example in examples:
             for choice in example.choices:

@@ -314,3 +314,16 @@ def test_two_process_cpu_run_reloads_the_best_weights(workspace, repo_root):
     assert [r["id"] for r in read_predictions(out / "dev_predictions.jsonl")] == \
         expected_ids(workspace, "tacred", 1)
     assert done.stdout.count("tacred +F: dev f1") == 1  # only the main process prints
+
+
+@pytest.mark.parametrize("task, empty", [("typing", "[]"), ("csqa", "")])
+def test_a_dev_file_without_examples_is_a_clear_error(workspace, tmp_path, task, empty):
+    spec, data = TASKS[task], tmp_path / SAMPLE_DIRS[task]
+    data.mkdir()
+    for name in spec.files:
+        (data / name).write_text((workspace / "data" / SAMPLE_DIRS[task] / name).read_text())
+    (data / spec.files[1]).write_text(empty)
+    config = config_for(workspace, f"--finetune.{task}.data_dir", str(data),
+                        "--output_dir", str(tmp_path / "runs"))
+    with pytest.raises(ConfigError, match=f"{spec.files[1]}: no example to select the model with"):
+        run_finetune(config, task, "none")
