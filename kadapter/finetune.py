@@ -68,9 +68,9 @@ class TaskConfig(TrainingConfig):
     inputs are cut to a window around the markers, multiple-choice inputs truncated."""
     dropout: float = 0.1
     """Dropout before the task head's output layer."""
-    pooling: Literal["span", "marker"] = "span"
-    """Mention pooling: mean over the mention's sub-words (span) or the opening marker's
-    state (marker, the original code)."""
+    pooling: Literal["entity", "marker"] = "entity"
+    """Mention pooling: mean over the mention's sub-words (entity, as in pretraining) or
+    the opening marker's state (marker, the original code)."""
     labels: list[str] | None = None
     """Label set (types / relations); None = the task's standard set (OpenEntity's 9
     types, TACRED's 42 relations) or, for FIGER, every type seen in its three files.

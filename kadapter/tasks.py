@@ -334,16 +334,16 @@ def relation_text(example: RelationExample) -> tuple[str, list[tuple[int, int, s
 
 
 def pool(features: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, markers: torch.Tensor,
-         mode: Literal["span", "marker"]) -> torch.Tensor:
+         mode: Literal["entity", "marker"]) -> torch.Tensor:
     """(B, T, H) -> (B, H): mean over the mention's sub-words, or the opening marker's state."""
-    return span_mean(features, starts, ends) if mode == "span" else gather_positions(features, markers)
+    return span_mean(features, starts, ends) if mode == "entity" else gather_positions(features, markers)
 
 
 class MentionHead(nn.Module):
     """Pool ``n_mentions`` mentions, concatenate, dropout, linear -> ``num_labels`` logits."""
 
     def __init__(self, hidden_size: int, num_labels: int, n_mentions: int, dropout: float,
-                 pooling: Literal["span", "marker"]):
+                 pooling: Literal["entity", "marker"]):
         super().__init__()
         self.pooling = pooling
         self.n_mentions = n_mentions

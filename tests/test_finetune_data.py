@@ -260,7 +260,7 @@ def test_tasks_encode_and_collate(tiny_model_dir, repo_root):
             assert bool((starts > markers).all())
 
 
-@pytest.mark.parametrize("pooling, expected", [("span", [2.5, 4.5]), ("marker", [1.0, 3.0])])
+@pytest.mark.parametrize("pooling, expected", [("entity", [2.5, 4.5]), ("marker", [1.0, 3.0])])
 def test_mention_head_pooling(pooling, expected):
     from kadapter.tasks import MentionHead
 
