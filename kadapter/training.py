@@ -450,6 +450,8 @@ def train(
 
     if dev_data is not None and (predict_fn is None or metrics_fn is None):
         raise ValueError("dev_data needs predict_fn and metrics_fn")
+    if dev_data is not None and len(dev_data) == 0:
+        raise ValueError("dev_data is empty: pass None to train without evaluation")
     if (frozen is None) != (frozen_forward is None):
         raise ValueError("frozen and frozen_forward go together")
     if len(train_data) == 0:

@@ -285,3 +285,14 @@ def test_select_metric_restores_the_best_evaluation(tmp_path):
 def test_select_metric_must_be_a_dev_metric(tmp_path):
     with pytest.raises(KeyError, match="f1"):
         run(tmp_path, select_metric="f1", epochs=1)
+
+
+def test_empty_dev_data_is_refused_before_training(tmp_path):
+    frozen, head = build(0)
+    with pytest.raises(ValueError, match="dev_data is empty"):
+        train(TrainingConfig(epochs=1), model=head,
+              train_data=FeatureTable.from_rows(toy_rows(8, 1), ragged=["input_ids"]),
+              dev_data=[], collate=PadCollator({"input_ids": PAD}), loss_fn=loss_fn,
+              predict_fn=predict_fn, metrics_fn=metrics_fn, frozen=frozen,
+              frozen_forward=frozen_forward, output_dir=tmp_path / "run", seed=0)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
