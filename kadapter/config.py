@@ -255,8 +255,10 @@ def load_config(
     if not isinstance(preset, str) or not preset:
         raise ConfigError(f"{path}: preset must be a non-empty string")
     seed = coerce(raw.get("seed", 0), int, f"{path}:seed")
+    # Errors name where a value came from: the file, or the file plus the command line.
+    origin = f"{path} + command line" if overrides else str(path)
     sections = {
-        name: _substitute(build(section_class(name), raw[name], f"{path}:{name}"), preset)
+        name: _substitute(build(section_class(name), raw[name], f"{origin}:{name}"), preset)
         for name in SECTIONS
         if name in raw
     }

@@ -85,7 +85,7 @@ def test_bad_config_names_file_and_key(tmp_path, text_or_override, message):
     [
         (["--adapter_size"], "needs a value"),
         (["adapter_size", "3"], "expected --key value"),
-        (["--adapter.nope", "3"], r"unknown key\(s\) \['nope'\]"),
+        (["--adapter.nope", "3"], r"demo.yaml \+ command line:adapter: unknown key\(s\) \['nope'\]"),
     ],
 )
 def test_bad_overrides(config_file, argv, message):
