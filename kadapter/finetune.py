@@ -35,10 +35,8 @@ from kadapter.metrics import main_metric, score, score_file, write_predictions
 from kadapter.tasks import TASKS, Encoded, Task, collate
 from kadapter.training import (
     TrainingConfig,
-    batch_order,
-    example_lengths,
     make_accelerator,
-    shard_batches,
+    predict_in_order,
     train,
 )
 
@@ -322,25 +320,12 @@ def majority_baseline(task: Task, settings: TaskConfig, files: dict[str, Path], 
 def predict_logits(model: nn.Module, features: list[dict], pad_id: int, batch_size: int,
                    accelerator) -> np.ndarray:
     """Logits of every feature, in order; batches sharded over processes and gathered."""
-    from accelerate.utils import gather_object
-
     if not features:
         return np.zeros((0, 0), dtype=np.float32)
-    batches = shard_batches(batch_order(example_lengths(features), batch_size, seed=0, epoch=0,
-                                        shuffle=False),
-                            accelerator.process_index, accelerator.num_processes, even=False)
     model.eval()
-    parts = []
-    with torch.no_grad():
-        for index in batches:
-            batch = {k: v.to(accelerator.device) for k, v in
-                     collate([features[int(i)] for i in index], pad_id).items()}
-            with accelerator.autocast():
-                parts.append((index, model(batch).float().cpu().numpy()))
-    gathered = gather_object(parts)
-    indices = np.concatenate([index for index, _ in gathered])
-    logits = np.concatenate([values for _, values in gathered])
-    return logits[np.argsort(indices, kind="stable")]
+    return predict_in_order(accelerator, features, batch_size,
+                            lambda rows: collate(rows, pad_id),
+                            lambda batch: {"logits": model(batch)})["logits"]
 
 
 # -------------------------------------------------------------------------------- run

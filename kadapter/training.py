@@ -42,7 +42,9 @@ Contract of the callables:
   dimensions are the same for every batch (e.g. predicted and gold labels (B,), or per
   example counts). The loop concatenates them over the whole dev set, in dev-set order,
   gathered from every process, and hands numpy arrays to ``metrics_fn``. Every process
-  gets the same metrics. Higher is better for ``select_metric``.
+  gets the same metrics. Higher is better for ``select_metric``. The same sharded,
+  gathered, order-preserving prediction is available on its own as ``predict_in_order``
+  (fine-tuning uses it for the final dev and test predictions).
 
 What the loop does (one optimizer step = ``grad_accumulation`` micro-batches per process):
 
@@ -317,6 +319,35 @@ def example_lengths(data: Sequence[dict[str, Any]]) -> np.ndarray:
     return np.asarray([len(data[i]["input_ids"]) for i in range(len(data))])
 
 
+def predict_in_order(accelerator: Any, data: Sequence[dict[str, Any]], batch_size: int,
+                     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+                     predict: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                     ) -> dict[str, np.ndarray]:
+    """Run ``predict(batch) -> {name: tensor}`` over ``data`` without gradients, batches
+    (longest first) sharded over the processes; gather and return ``{name: array}`` with
+    one row per example, in ``data`` order, on every process."""
+    from accelerate.utils import gather_object
+
+    batches = shard_batches(
+        batch_order(example_lengths(data), batch_size, seed=0, epoch=0, shuffle=False),
+        accelerator.process_index, accelerator.num_processes, even=False)
+    indices, outputs = [], []
+    with torch.no_grad():
+        for index in batches:
+            batch = {k: v.to(accelerator.device, non_blocking=True)
+                     for k, v in collate([data[int(i)] for i in index]).items()}
+            with accelerator.autocast():
+                predicted = predict(batch)
+            indices.append(index)
+            outputs.append({k: v.float().cpu().numpy() if v.is_floating_point()
+                            else v.cpu().numpy() for k, v in predicted.items()})
+    gathered = gather_object([(indices, outputs)])
+    parts = [part for _, process_parts in gathered for part in process_parts]
+    order = np.argsort(np.concatenate([i for process_index, _ in gathered for i in process_index]),
+                       kind="stable")
+    return {name: np.concatenate([part[name] for part in parts])[order] for name in parts[0]}
+
+
 def shard_batches(batches: list[np.ndarray], rank: int, world: int,
                   even: bool = True) -> list[np.ndarray]:
     """Batches rank, rank + world, ...; with ``even`` the tail that cannot be shared
@@ -444,7 +475,7 @@ def train(
     description: str = "train",
 ) -> TrainResult:
     """Train ``model`` on ``train_data``; see the module docstring for the contract."""
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import set_seed
     from safetensors.torch import load_model, save_model
     from tqdm.auto import tqdm
 
@@ -548,25 +579,10 @@ def train(
         """Predict the dev set (sharded over processes), gather in dev order, score."""
         plain = accelerator.unwrap_model(model)
         plain.eval()
-        batches = shard_batches(
-            batch_order(example_lengths(dev_data), config.eval_batch_size or 2 * config.batch_size,
-                        seed=seed, epoch=0, shuffle=False), rank, world, even=False)
-        indices, outputs = [], []
-        with torch.no_grad():
-            for index in batches:
-                batch = to_device(collate([dev_data[int(i)] for i in index]))
-                with accelerator.autocast():
-                    predicted = predict_fn(plain, batch, encode(batch))
-                indices.append(index)
-                outputs.append({k: v.float().cpu().numpy() if v.is_floating_point()
-                                else v.cpu().numpy() for k, v in predicted.items()})
+        merged = predict_in_order(
+            accelerator, dev_data, config.eval_batch_size or 2 * config.batch_size, collate,
+            lambda batch: predict_fn(plain, batch, encode(batch)))
         model.train()
-        gathered = gather_object([(indices, outputs)])
-        all_index = np.concatenate([i for part_index, _ in gathered for i in part_index])
-        order = np.argsort(all_index, kind="stable")
-        names = outputs[0].keys() if outputs else gathered[0][1][0].keys()
-        merged = {name: np.concatenate([o[name] for _, part in gathered for o in part])[order]
-                  for name in names}
         return metrics_fn(merged)
 
     def save_checkpoint() -> None:
