@@ -339,20 +339,6 @@ class ProbeTokens:
         return before + self.tokenizer.mask_token + after, ids, len(head)
 
 
-def max_query_length(tokenizer: Any, encoder: nn.Module) -> int:
-    """The longest query the encoder takes: its position table, less the positions that
-    RoBERTa-style models skip (their position ids start after the pad id), and no more than
-    the tokenizer's ``model_max_length`` when that is set (transformers reports ~1e30 when
-    it is not, e.g. for a tokenizer built from bare vocabulary files)."""
-    positions = getattr(getattr(encoder, "embeddings", None), "position_embeddings", None)
-    if isinstance(positions, nn.Embedding):
-        skipped = 0 if positions.padding_idx is None else positions.padding_idx + 1
-        length = positions.num_embeddings - skipped
-    else:  # no learned position table (rotary, relative): trust the config
-        length = encoder.config.max_position_embeddings
-    return min(length, tokenizer.model_max_length)
-
-
 class CommonVocabulary:
     """The candidates: common-vocabulary words that are one token, as sorted unique ids."""
 

@@ -486,6 +486,20 @@ def load_encoder(name_or_path: str, *, masked_lm: bool = False,
         raise _not_available(name_or_path, err) from err
 
 
+def max_sequence_length(encoder: nn.Module, tokenizer: Any = None) -> int:
+    """The longest input (special tokens included) the encoder takes: its position table,
+    less the positions RoBERTa-style models skip (their position ids start after the pad
+    id), and no more than the tokenizer's ``model_max_length`` when a tokenizer is given
+    (transformers reports ~1e30 when that is unset, e.g. for bare vocabulary files)."""
+    positions = getattr(getattr(encoder, "embeddings", None), "position_embeddings", None)
+    if isinstance(positions, nn.Embedding):
+        skipped = 0 if positions.padding_idx is None else positions.padding_idx + 1
+        length = positions.num_embeddings - skipped
+    else:  # no learned position table (rotary, relative): trust the config
+        length = encoder.config.max_position_embeddings
+    return length if tokenizer is None else min(length, tokenizer.model_max_length)
+
+
 def adapter_flops_per_token(config: AdapterConfig, hidden_size: int, seq_len: int) -> float:
     """Forward multiply-accumulate FLOPs (x2) per token of one adapter (for MFU figures)."""
     a, f = config.adapter_size, config.ffn_size

@@ -81,6 +81,7 @@ from kadapter.modeling import (
     encoder_dtype,
     load_encoder,
     load_tokenizer,
+    max_sequence_length,
     resolve_model_path,
     save_adapter,
 )
@@ -464,10 +465,9 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
     # ---- the frozen encoder and the trainable adapter + head (same init on every process)
     dtype = encoder_dtype(config.model, accelerator.device)
     encoder = load_encoder(model_path, dtype=dtype)
-    if section.max_length > encoder.config.max_position_embeddings - 2 and \
-            encoder.config.model_type == "roberta":
+    if section.max_length > max_sequence_length(encoder):
         raise ConfigError(f"pretrain_{task}.max_length {section.max_length} exceeds the encoder's "
-                         f"{encoder.config.max_position_embeddings - 2} positions")
+                         f"{max_sequence_length(encoder)} positions")
     hidden, layers = encoder.config.hidden_size, encoder.config.num_hidden_layers
     torch.manual_seed(config.seed)
     settings = head_settings(task, section, hidden, labels)

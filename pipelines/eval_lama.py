@@ -66,6 +66,7 @@ def main(config: Config) -> dict[str, Any]:
         load_adapter,
         load_encoder,
         load_tokenizer,
+        max_sequence_length,
         resolve_model_path,
     )
     from kadapter.training import make_accelerator, train
@@ -118,7 +119,7 @@ def main(config: Config) -> dict[str, Any]:
         vocabulary = lama.CommonVocabulary(common_words, tokens)
     except ValueError as err:  # no candidate at all: the vocabulary does not fit this model
         raise InputError(cfg.common_vocab, None, f"{err} ({model_path})") from None
-    max_length = lama.max_query_length(tokenizer, encoder)
+    max_length = max_sequence_length(encoder, tokenizer)
     print(f"{len(vocabulary.candidate_ids)} candidate tokens from {len(vocabulary.words)} common "
           f"words ({len(vocabulary.not_single_token)} are not one token of {model_path}); "
           f"object tokens {'space-prefixed' if tokens.space_prefixed else 'as written'}")

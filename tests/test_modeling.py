@@ -21,6 +21,7 @@ from kadapter.modeling import (
     count_parameters,
     load_adapter,
     load_encoder,
+    max_sequence_length,
     resolve_model_path,
     save_adapter,
 )
@@ -259,3 +260,15 @@ def test_tiny_model_build_is_deterministic(tmp_path, repo_root):
         build_tiny_model(tmp_path / name, files)
     for name in ("model.safetensors", "vocab.json", "merges.txt", "config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("kind, tokenizer_max, expected", [
+    ("roberta", None, 78),   # 80 positions; ids start after pad id 1, so 2 are never used
+    ("bert", None, 80),      # absolute positions from 0
+    ("roberta", 64, 64),     # the tokenizer's model_max_length caps it
+    ("bert", 10**30, 80),    # an unset model_max_length (transformers' 1e30) does not
+])
+def test_max_sequence_length(kind, tokenizer_max, expected):
+    encoder = tiny_encoder(kind)
+    tokenizer = None if tokenizer_max is None else type("T", (), {"model_max_length": tokenizer_max})()
+    assert max_sequence_length(encoder, tokenizer) == expected
