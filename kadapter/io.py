@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -169,14 +168,15 @@ def split_of(key: str, seed: int, dev_fraction: float) -> str:
 
 
 def read_json(path: str | Path) -> Any:
-    """Read a JSON file; errors name the file."""
+    """Read a JSON file; an unreadable file is a FileNotFoundError and invalid JSON (or
+    invalid UTF-8) an InputError, both naming the file."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return orjson.loads(path.read_bytes())
     except OSError as err:
         raise FileNotFoundError(f"{path}: cannot read: {err}") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
+    except orjson.JSONDecodeError as err:
+        raise InputError(path, None, f"not valid JSON: {err}") from err
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import orjson
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kadapter.io import InputError, read_jsonl
+from kadapter.io import InputError, read_json, read_jsonl
 from kadapter.spans import MarkedText, gather_positions, mark_spans, span_mean, token_span
 
 OPENENTITY_TYPES = sorted(
@@ -99,12 +98,7 @@ class ChoiceExample:
 
 
 def _json_list(path: Path) -> list[Any]:
-    try:
-        data = orjson.loads(path.read_bytes())
-    except OSError as err:
-        raise FileNotFoundError(f"{path}: cannot read: {err}") from err
-    except orjson.JSONDecodeError as err:
-        raise InputError(path, None, f"not valid JSON: {err}") from err
+    data = read_json(path)
     if not isinstance(data, list):
         raise InputError(path, None, f"expected a JSON list of records, got {type(data).__name__}")
     return data

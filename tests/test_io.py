@@ -14,6 +14,7 @@ from kadapter.io import (
     expand_inputs,
     fingerprint_of,
     json_dumps,
+    read_json,
 )
 
 
@@ -80,3 +81,17 @@ def test_input_error_names_file_and_record():
     err = InputError("data/x.json", 17, "missing field 'text'")
     assert str(err) == "data/x.json, record 17: missing field 'text'"
     assert str(InputError("data/x.json", None, "empty file")) == "data/x.json: empty file"
+
+
+@pytest.mark.parametrize("content, error, message", [
+    (b'{"a": [1, 2', InputError, r"bad\.json: not valid JSON"),
+    (b'{"a": "\xff"}', InputError, r"bad\.json: not valid JSON"),
+])
+def test_read_json_names_the_file(tmp_path, content, error, message):
+    (tmp_path / "bad.json").write_bytes(content)
+    with pytest.raises(error, match=message):
+        read_json(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="missing.json: cannot read"):
+        read_json(tmp_path / "missing.json")
+    (tmp_path / "good.json").write_bytes(b'{"a": [1, 2]}')
+    assert read_json(tmp_path / "good.json") == {"a": [1, 2]}
