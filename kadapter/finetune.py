@@ -32,10 +32,12 @@ from torch import nn
 from kadapter.config import Config, ConfigError, build, to_plain
 from kadapter.io import atomic_write_json, file_fingerprint, fingerprint_of, replace_dir, versions
 from kadapter.metrics import main_metric, score, score_file, write_predictions
+from kadapter.precision import check_bf16
 from kadapter.tasks import TASKS, Encoded, Task, collate
 from kadapter.training import (
     TrainingConfig,
     make_accelerator,
+    precision_of,
     predict_in_order,
     train,
 )
@@ -121,6 +123,10 @@ class FinetuneConfig:
     launch``); null or empty = run every task and variant in this process."""
     resume: bool = False
     """Continue an interrupted run from its latest checkpoint."""
+    bf16: bool | Literal["auto"] = "auto"
+    """Mixed precision of every task whose own ``bf16`` is ``auto``: true = bf16 autocast
+    on any device, false = none, auto = Accelerate's setting or the device's
+    (kadapter/precision.py). The encoder trains with fp32 master weights either way."""
     typing: TaskConfig = _task("data/sample/openentity")
     """OpenEntity entity typing: a TaskConfig (its keys: kadapter/finetune.py and training.py);
     override one key as --finetune.typing.<key> value."""
@@ -144,6 +150,7 @@ class FinetuneConfig:
         for variant in self.variants:
             canonical_variant(variant)
         canonical_variant(self.adapters)
+        check_bf16(self.bf16)
 
 
 def canonical_variant(adapters: str) -> str:
@@ -157,8 +164,11 @@ def canonical_variant(adapters: str) -> str:
 
 
 def variant_settings(config: Config, task_name: str, variant: str) -> TaskConfig:
-    """The task's settings with the variant's overrides applied (and validated)."""
+    """The task's settings with the variant's overrides applied (and validated); a task
+    ``bf16`` left at ``auto`` takes the finetune section's."""
     base = getattr(config.finetune, task_name)
+    if base.bf16 == "auto" and config.finetune.bf16 != "auto":
+        base = dataclasses.replace(base, bf16=config.finetune.bf16)
     override = base.overrides.get(variant, {})
     if not override:
         return base
@@ -419,7 +429,8 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
             },
             "parameters": {"settings": to_plain(settings), "training": to_plain(loop_config),
                            "combine": config.finetune.combine, "seed": config.seed,
-                           "processes": accelerator.num_processes},
+                           "processes": accelerator.num_processes,
+                           "precision": precision_of(settings).to_dict()},
             "labels": data.labels,
             "counts": data.counts,
             "training": {"steps": result.global_step, "selected_step": result.best_step,

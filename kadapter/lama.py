@@ -91,7 +91,8 @@ TOP_K = 10
 @dataclass
 class MlmHeadConfig(TrainingConfig):
     """Training of the K-Adapter variants' MLM mix on raw text (the shared training loop's
-    settings plus the text). Defaults follow the paper: 2 epochs over WikiText-2."""
+    settings plus the text). Defaults follow the paper: 2 epochs over WikiText-2. Its
+    ``bf16`` sets the precision of the whole LAMA stage, scoring included."""
 
     text: str = "data/sample/text/wiki.train.txt"
     """Raw training text (file, directory or glob), WikiText-2 style: one paragraph per
@@ -609,13 +610,19 @@ class VariantMixes(nn.Module):
         return {v: mix(last, adapter_outputs) for v, mix in self.mixes.items()}
 
 
+def lm_logits(lm_head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The frozen LM head on ``features``, cast to the head's own dtype: the mix computes
+    in fp32 (or autocast's dtype) beside an encoder and head that may hold bf16 weights."""
+    return lm_head(features.to(next(lm_head.parameters()).dtype))
+
+
 def variant_logits(lm_head: nn.Module, mixes: VariantMixes, variants: list[str],
                    last: torch.Tensor, adapter_outputs: dict[str, torch.Tensor]
                    ) -> dict[str, torch.Tensor]:
     """Vocabulary logits of every variant: the encoder's LM head on the encoder's last
     state, or on a K-Adapter variant's mix of it with the adapter outputs."""
     mixed = mixes(last, adapter_outputs)
-    return {v: lm_head(last if v == "encoder" else mixed[v]) for v in variants}
+    return {v: lm_logits(lm_head, last if v == "encoder" else mixed[v]) for v in variants}
 
 
 def text_blocks(paths: list[Path], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:

@@ -47,8 +47,10 @@ class ModelConfig:
     """Where the tiny model is built on first use (only used when name_or_path is ``tiny``)."""
     tiny_corpus: str = "data/sample"
     """Directory whose .txt/.json/.jsonl files train the tiny model's BPE tokenizer."""
-    encoder_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Dtype of the frozen encoder's weights: ``auto`` = bfloat16 on CUDA, float32 on CPU."""
+    encoder_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of the frozen encoder's weights (pretraining, LAMA; fine-tuning trains the
+    encoder in fp32): ``auto`` = bfloat16 on CUDA (float16 when the run's mixed precision
+    is fp16), float32 on CPU. Trainable modules stay float32 whatever this is."""
 
 
 @dataclass
@@ -227,13 +229,17 @@ class Combiner(nn.Module):
             raise KeyError(f"combiner expects adapter outputs {missing}")
         if not self.adapter_names:
             return encoder_last
-        if self.mode == "add":
-            return encoder_last + sum(adapter_outputs[n].to(encoder_last.dtype)
-                                      for n in self.adapter_names)
-        parts = [
-            self.per_adapter[n](torch.cat([encoder_last, adapter_outputs[n].to(encoder_last.dtype)], -1))
-            for n in self.adapter_names
-        ]
+        if self.mode == "add":  # in the widest dtype: a bf16 encoder beside fp32 adapters
+            dtype = encoder_last.dtype
+            for n in self.adapter_names:
+                dtype = torch.promote_types(dtype, adapter_outputs[n].dtype)
+            return encoder_last.to(dtype) + sum(adapter_outputs[n].to(dtype)
+                                                for n in self.adapter_names)
+        # inputs in the layers' own dtype (fp32 master weights; autocast, when on, lowers it)
+        dtype = self.out.weight.dtype
+        last = encoder_last.to(dtype)
+        parts = [self.per_adapter[n](torch.cat([last, adapter_outputs[n].to(dtype)], -1))
+                 for n in self.adapter_names]
         return self.out(torch.cat(parts, dim=-1))
 
 
@@ -444,13 +450,16 @@ def _not_available(name: str, err: Exception) -> ModelNotAvailable:
     )
 
 
-def encoder_dtype(config: ModelConfig, device: torch.device | str | None = None) -> torch.dtype:
-    if config.encoder_dtype == "float32":
-        return torch.float32
-    if config.encoder_dtype == "bfloat16":
-        return torch.bfloat16
+def encoder_dtype(config: ModelConfig, device: torch.device | str | None = None,
+                  mixed_precision: str = "no") -> torch.dtype:
+    """The frozen encoder's weight dtype for ``config.encoder_dtype`` on ``device`` in a run
+    of Accelerate's ``mixed_precision`` (``no``, ``bf16``, ``fp16``)."""
+    if config.encoder_dtype != "auto":
+        return getattr(torch, config.encoder_dtype)
     device_type = torch.device(device).type if device is not None else "cpu"
-    return torch.bfloat16 if device_type == "cuda" else torch.float32
+    if device_type != "cuda":
+        return torch.float32
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
 
 
 def load_tokenizer(name_or_path: str):

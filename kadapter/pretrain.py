@@ -86,7 +86,14 @@ from kadapter.modeling import (
     save_adapter,
 )
 from kadapter.spans import gather_positions, mark_spans, span_mean, token_span
-from kadapter.training import FeatureTable, PadCollator, TrainingConfig, make_accelerator, train
+from kadapter.training import (
+    FeatureTable,
+    PadCollator,
+    TrainingConfig,
+    make_accelerator,
+    precision_of,
+    train,
+)
 
 TASKS = ("fac", "lin")
 FEATURES_VERSION = 1  # bump when the feature code changes: old caches are then ignored
@@ -463,7 +470,7 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
               f"(features {features['cache']})")
 
     # ---- the frozen encoder and the trainable adapter + head (same init on every process)
-    dtype = encoder_dtype(config.model, accelerator.device)
+    dtype = encoder_dtype(config.model, accelerator.device, accelerator.mixed_precision)
     encoder = load_encoder(model_path, dtype=dtype)
     if section.max_length > max_sequence_length(encoder):
         raise ConfigError(f"pretrain_{task}.max_length {section.max_length} exceeds the encoder's "
@@ -504,6 +511,7 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
                      "processes": accelerator.num_processes,
                      "device": str(accelerator.device),
                      "mixed_precision": accelerator.mixed_precision,
+                     "precision": precision_of(section).to_dict(), "encoder_dtype": str(dtype),
                      "resumed_from": result.resumed_from, "best_step": result.best_step},
         "dev_metrics": result.dev_metrics,
         "majority_baseline": baseline,

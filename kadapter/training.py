@@ -6,7 +6,7 @@ API
 
     from kadapter.training import FeatureTable, PadCollator, TrainingConfig, make_accelerator, train
 
-    accelerator = make_accelerator(config)          # bf16 autocast on CUDA when config.bf16
+    accelerator = make_accelerator(config)          # mixed precision from config.bf16
     result = train(
         config,                     # TrainingConfig, or a config dataclass that subclasses it
         model=trainable,            # nn.Module with every trained weight; goes through
@@ -35,6 +35,9 @@ Contract of the callables:
 - ``collate(list_of_features) -> dict[str, Tensor]``; the dict must hold ``attention_mask``
   (real tokens are counted from it for tokens/s). ``PadCollator`` pads ragged columns to
   the longest example of the batch (dynamic padding) and stacks scalar columns.
+- ``frozen_forward``, ``loss_fn`` and ``predict_fn`` run inside the accelerator's autocast
+  region (``config.bf16``, kadapter/precision.py), so every module they call, not only
+  ``model``, computes in the run's precision.
 - ``loss_fn`` and ``predict_fn`` must call ``model(...)`` itself (its ``forward``), never
   only its sub-modules: DDP synchronises gradients through that call. ``predict_fn`` gets
   the *unwrapped* model (no DDP collectives in evaluation) and runs under ``no_grad``.
@@ -85,7 +88,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -95,6 +98,7 @@ import torch
 from torch import nn
 
 from kadapter.io import atomic_write_bytes, atomic_write_json, read_json
+from kadapter.precision import Precision, check_bf16, precision_for
 
 MEGABATCH = 50  # batches per length-sorting window: big enough to group, small enough to mix
 CHECKPOINTS = "checkpoints"
@@ -146,9 +150,12 @@ class TrainingConfig:
     select_metric: str | None = None
     """Dev metric for model selection (higher is better): the weights of the best
     evaluation are restored at the end. None = keep the last weights."""
-    bf16: bool = True
-    """On CUDA, run the trainable modules under bf16 autocast (fp32 master weights). CPU
-    runs always use fp32."""
+    bf16: bool | Literal["auto"] = "auto"
+    """Mixed precision (the trainable modules keep fp32 master weights): ``true`` = bf16
+    autocast on any device, CPU included; ``false`` = none; ``auto`` = Accelerate's own
+    setting (ACCELERATE_MIXED_PRECISION=bf16|fp16, from accelerate config / launch) when it
+    names one, else bf16 on a CUDA GPU with bf16, loss-scaled fp16 on an older GPU, none
+    on CPU (kadapter/precision.py)."""
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accumulation": self.grad_accumulation,
@@ -167,6 +174,7 @@ class TrainingConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.eval_every < 0 or self.save_every < 0 or self.warmup_steps < 0:
             raise ValueError("eval_every, save_every and warmup_steps must be >= 0")
+        check_bf16(self.bf16)
 
 
 # --------------------------------------------------------------------------- data
@@ -360,16 +368,29 @@ def shard_batches(batches: list[np.ndarray], rank: int, world: int,
 
 
 def make_accelerator(config: TrainingConfig):
-    """An ``Accelerator`` with bf16 autocast on CUDA when ``config.bf16``, fp32 elsewhere.
+    """An ``Accelerator`` with the mixed precision of ``config.bf16`` (``precision_of``).
 
     Without CUDA it is created with ``cpu=True``: only then does Accelerate 1.15 join the
     processes that ``torchrun`` starts into one gloo group (MULTI_CPU); otherwise each
     would run alone.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    cuda = torch.cuda.is_available()
-    return Accelerator(mixed_precision="bf16" if config.bf16 and cuda else "no", cpu=not cuda)
+    precision = precision_of(config)
+    # Accelerate keeps one precision per process and refuses another; runs in one process
+    # (fine-tuning's tasks, tests) may differ, so the process-wide state is reset (the
+    # process group, held by PartialState, stays).
+    if AcceleratorState._shared_state.get("_mixed_precision", precision.mixed_precision) \
+            != precision.mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=precision.mixed_precision,
+                       cpu=not torch.cuda.is_available())
+
+
+def precision_of(config: TrainingConfig) -> Precision:
+    """The mixed precision ``config.bf16`` resolves to on this machine, and why."""
+    return precision_for(config.bf16)
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -657,7 +678,8 @@ def train(
                 frozen_out = encode(batch)
                 last = offset == len(micro) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    loss = loss_fn(model, batch, frozen_out)
+                    with accelerator.autocast():  # modules loss_fn calls beside the model too
+                        loss = loss_fn(model, batch, frozen_out)
                     accelerator.backward(loss / len(micro))
                 window["loss_sum"] += loss.detach().float()
                 window["loss_count"] += 1
@@ -665,7 +687,8 @@ def train(
             if config.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
-            scheduler.step()
+            if not optimizer.step_was_skipped:  # fp16: an overflowing step is not taken
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
 

@@ -69,7 +69,7 @@ def main(config: Config) -> dict[str, Any]:
         max_sequence_length,
         resolve_model_path,
     )
-    from kadapter.training import make_accelerator, train
+    from kadapter.training import make_accelerator, precision_of, train
 
     cfg: lama.LamaConfig = config.lama
     started = time.perf_counter()
@@ -85,7 +85,8 @@ def main(config: Config) -> dict[str, Any]:
     device = accelerator.device
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    masked_lm = load_encoder(model_path, masked_lm=True, dtype=encoder_dtype(config.model, device))
+    masked_lm = load_encoder(model_path, masked_lm=True,
+                             dtype=encoder_dtype(config.model, device, accelerator.mixed_precision))
     encoder, lm_head = lama.split_masked_lm(masked_lm)
     hidden = encoder.config.hidden_size
 
@@ -197,7 +198,8 @@ def main(config: Config) -> dict[str, Any]:
                         features: dict[str, Any]) -> torch.Tensor:
                 # the mixes are disjoint, so the summed loss trains each on its own loss
                 mixed = trained(features["last"], features["adapters"])
-                return sum(torch.nn.functional.cross_entropy(lm_head(m).float(), features["labels"])
+                return sum(torch.nn.functional.cross_entropy(lama.lm_logits(lm_head, m).float(),
+                                                             features["labels"])
                            for m in mixed.values())
 
             def predict_fn(trained: lama.VariantMixes, batch: dict[str, torch.Tensor],
@@ -229,9 +231,10 @@ def main(config: Config) -> dict[str, Any]:
 
         # ---- 5. score every query with every variant
         everything = [q for subset in queries for q in queries[subset]]
-        scored = lama.score_queries(
-            model, lm_head, mixes, cfg.variants, everything, vocabulary.candidate_ids,
-            batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, device=device)
+        with accelerator.autocast():  # the precision of lama.mlm_head.bf16, as in training
+            scored = lama.score_queries(
+                model, lm_head, mixes, cfg.variants, everything, vocabulary.candidate_ids,
+                batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, device=device)
         clock = lap("score", clock)
 
         # ---- 6. predictions, dropped facts, results, plot, manifest
@@ -275,7 +278,8 @@ def main(config: Config) -> dict[str, Any]:
                        "model": model_path, "adapters": adapter_inputs,
                        "bert_model": cfg.bert_model},
             "parameters": {"seed": config.seed, "lama": to_plain(cfg), "model": to_plain(config.model),
-                           "device": str(device), "max_query_length": max_length},
+                           "device": str(device), "max_query_length": max_length,
+                           "precision": precision_of(cfg.mlm_head).to_dict()},
             "counts": {"common_vocab_words": len(vocabulary.words),
                        "candidates": len(vocabulary.candidate_ids),
                        "common_words_not_single_token": len(vocabulary.not_single_token),
