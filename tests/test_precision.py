@@ -26,12 +26,16 @@ BF16_ENCODER = ("--model.encoder_dtype", "bfloat16")
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
-    """Tiny shapes gain nothing from intra-op threads; Accelerate's setting starts unset."""
+    """Tiny shapes gain nothing from intra-op threads; Accelerate's setting starts unset,
+    and no test leaves its process-wide precision behind."""
+    from accelerate.state import AcceleratorState
+
     monkeypatch.delenv(ENV, raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    AcceleratorState._reset_state()
 
 
 # ----------------------------------------------------------------- which precision wins
