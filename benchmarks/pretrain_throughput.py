@@ -21,7 +21,8 @@ shared with other work slows both alike. Achieved GFLOP/s = real tokens/s x mode
 per token (encoder forward + 3 x adapter forward, attention included; padding is not
 useful work). Two yardsticks: this machine's own matrix-multiply rate, measured in the
 same run (best of repeated (batch x max_length, hidden) @ (hidden, ffn) products in the
-dtype ours computes in: fp32 on CPU, bf16 on CUDA), and MFU against the device's
+dtype ours computes in: fp32 on CPU, bf16 on CUDA; the better of a measurement before
+and one after the steps), and MFU against the device's
 datasheet peak (H100 SXM / H200: 989 TFLOP/s dense bf16, H100 PCIe 756; null for other
 devices unless ``--peak-tflops``). On CUDA the peak memory allocated is reported too:
 over the whole run, and per path the most a training step adds above what was
@@ -202,6 +203,10 @@ def run(args) -> dict:
     measured = {name: {"seconds": 0.0, "real_tokens": 0, "padded_tokens": 0} for name in paths}
     step_extra_bytes = dict.fromkeys(paths, 0)  # CUDA: most a step allocates above its start
     cuda = device.type == "cuda"
+    # the machine's matmul rate, before and after the steps (the better of the two counts)
+    matmul_dtype = torch.bfloat16 if cuda else torch.float32
+    matmul_shape = (args.batch_size * MAX_LENGTH, shape["hidden"], shape["ffn"])
+    matmul_before = matmul_gflops(device, matmul_dtype, *matmul_shape)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     run_peak = 0
@@ -237,9 +242,7 @@ def run(args) -> dict:
                                                    shape["hidden"], int(mean_length))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
-    matmul_dtype = torch.bfloat16 if cuda else torch.float32
-    matmul = matmul_gflops(device, matmul_dtype, args.batch_size * MAX_LENGTH, shape["hidden"],
-                           shape["ffn"])
+    matmul = max(matmul_before, matmul_gflops(device, matmul_dtype, *matmul_shape))
     print(f"matrix multiply ({args.batch_size * MAX_LENGTH} x {shape['hidden']} @ "
           f"{shape['hidden']} x {shape['ffn']}, {str(matmul_dtype).removeprefix('torch.')}, "
           f"{torch.get_num_threads()} threads): {matmul:,.1f} GFLOP/s")

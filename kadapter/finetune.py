@@ -123,7 +123,7 @@ class FinetuneConfig:
     launch``); null or empty = run every task and variant in this process."""
     resume: bool = False
     """Continue an interrupted run from its latest checkpoint."""
-    bf16: bool | Literal["auto"] = "auto"
+    bf16: Literal["auto", True, False] = "auto"
     """Mixed precision of every task whose own ``bf16`` is ``auto``: true = bf16 autocast
     on any device, false = none, auto = Accelerate's setting or the device's
     (kadapter/precision.py). The encoder trains with fp32 master weights either way."""

@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from kadapter.config import ConfigError
+
 ENV = "ACCELERATE_MIXED_PRECISION"
 ACCELERATE_CHOICES = ("no", "bf16", "fp16")
 
@@ -68,11 +70,11 @@ def resolve_precision(bf16: bool | str, *, device_type: str, bf16_native: bool =
         return Precision("no", "config: bf16: false", raw)
     accelerate = (raw or "").strip().lower()
     if accelerate not in ("", *ACCELERATE_CHOICES):
-        raise ValueError(f"{ENV}={raw!r} is not one of {list(ACCELERATE_CHOICES)} (kadapter does "
+        raise ConfigError(f"{ENV}={raw!r} is not one of {list(ACCELERATE_CHOICES)} (kadapter does "
                          "not run fp8); change it, or set bf16: true/false in the config")
     if accelerate in ("bf16", "fp16"):
         if accelerate == "fp16" and device_type != "cuda":
-            raise ValueError(f"{ENV}=fp16 (Accelerate's setting) needs a CUDA GPU, this run is "
+            raise ConfigError(f"{ENV}=fp16 (Accelerate's setting) needs a CUDA GPU, this run is "
                              f"on {device_type}; unset it or set bf16: true/false in the config")
         return Precision(accelerate, f"Accelerate's setting: {ENV}={accelerate} (bf16: auto)", raw)
     ignored = f"; {ENV}=no ignored under auto (set bf16: false for fp32)" if accelerate else ""

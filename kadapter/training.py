@@ -150,7 +150,7 @@ class TrainingConfig:
     select_metric: str | None = None
     """Dev metric for model selection (higher is better): the weights of the best
     evaluation are restored at the end. None = keep the last weights."""
-    bf16: bool | Literal["auto"] = "auto"
+    bf16: Literal["auto", True, False] = "auto"
     """Mixed precision (the trainable modules keep fp32 master weights): ``true`` = bf16
     autocast on any device, CPU included; ``false`` = none; ``auto`` = Accelerate's own
     setting (ACCELERATE_MIXED_PRECISION=bf16|fp16, from accelerate config / launch) when it
