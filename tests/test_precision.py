@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,6 +158,28 @@ def test_pretraining_with_a_bf16_encoder(sample_dirs, task, bf16, expected):
     records = [json.loads(line) for line in (sample_dirs / f"{task}-{bf16}" / "metrics.jsonl")
                .read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+
+
+def test_accelerate_config_file_decides_under_auto(sample_dirs, tmp_path):
+    """`accelerate launch --config_file` (what `accelerate config` writes) with bf16: the
+    preset's bf16 is auto, so Accelerate's choice wins and the manifest says so."""
+    accelerate_config = tmp_path / "accelerate.yaml"
+    accelerate_config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "mixed_precision": "bf16",
+        "num_machines": 1, "num_processes": 1, "use_cpu": True, "dynamo_config": {}}))
+    launcher = Path(sys.executable).with_name("accelerate")
+    done = subprocess.run(
+        [str(launcher), "launch", "--config_file", str(accelerate_config), "-m", "pipelines.pretrain",
+         "--config", "configs/sample.yaml", "--task", "fac", "--max_steps", "1", "--save_every", "0",
+         "--data_dir", str(sample_dirs / "trex_rc"), "--output_dir", str(tmp_path / "run"),
+         "--cache_dir", str(sample_dirs / "cache")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    training = json.loads((tmp_path / "run" / "manifest.json").read_text())["training"]
+    assert training["mixed_precision"] == "bf16"
+    assert training["precision"] == {
+        "mixed_precision": "bf16", "accelerate_setting": "bf16",
+        "decided_by": "Accelerate's setting: ACCELERATE_MIXED_PRECISION=bf16 (bf16: auto)"}
 
 
 # ---------------------------------------------------------------- fine-tuning (sample)
