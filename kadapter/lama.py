@@ -107,7 +107,8 @@ class MlmHeadConfig(TrainingConfig):
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW (a small one keeps the mix near its start)."""
     batch_size: int = 32
-    """Blocks per batch."""
+    """Text blocks per optimizer step over all processes (the global batch: each process
+    takes batch_size / (processes x grad_accumulation) blocks a micro-batch)."""
     epochs: int = 2
     """Passes over the text (the paper: 2 over WikiText-2)."""
     weight_decay: float = 0.0

@@ -86,7 +86,14 @@ from kadapter.modeling import (
     save_adapter,
 )
 from kadapter.spans import gather_positions, mark_spans, span_mean, token_span
-from kadapter.training import FeatureTable, PadCollator, TrainingConfig, make_accelerator, train
+from kadapter.training import (
+    FeatureTable,
+    PadCollator,
+    TrainingConfig,
+    batch_plan,
+    make_accelerator,
+    train,
+)
 
 TASKS = ("fac", "lin")
 FEATURES_VERSION = 1  # bump when the feature code changes: old caches are then ignored
@@ -450,6 +457,8 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
     data_dir, output_dir, cache_dir = resolve_paths(section, task, config.preset)
     accelerator = make_accelerator(section)
     main = accelerator.is_main_process
+    batch_key = f"pretrain_{task}.batch_size"
+    batch_plan(section, accelerator.num_processes, batch_key)  # a batch that cannot split fails now
 
     # ---- model files, tokenizer, features (built once, then read from the cache)
     with accelerator.main_process_first():
@@ -486,7 +495,8 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
         loss_fn=loss_fn, predict_fn=predict_fn, metrics_fn=metrics_fn,
         frozen=encoder, frozen_dtype=dtype,
         frozen_forward=encode_hidden_states, output_dir=output_dir, seed=config.seed,
-        resume=resume, accelerator=accelerator, description=f"pretrain {task}")
+        resume=resume, accelerator=accelerator, description=f"pretrain {task}",
+        batch_key=batch_key)
 
     # ---- outputs: the adapter (+ head) and the manifest, written by the main process
     baseline = None
@@ -502,6 +512,8 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
                      "tokens_per_s": round(result.tokens_per_s, 1),
                      "wall_seconds": round(time.time() - started, 3),
                      "processes": accelerator.num_processes,
+                     "batch": {**result.batch.to_dict(),
+                               "examples_left_per_epoch": result.examples_left_per_epoch},
                      "device": str(accelerator.device),
                      "mixed_precision": accelerator.mixed_precision,
                      "resumed_from": result.resumed_from, "best_step": result.best_step},

@@ -550,10 +550,11 @@ def trainable_checkpoints(accelerator: Any, model: nn.Module) -> list[Any]:
     those. Returns the hook handles (``.remove()`` them when done)."""
     from safetensors import safe_open
 
-    names = {name for name, param in model.named_parameters() if param.requires_grad}
+    plain = accelerator.unwrap_model(model)  # what Accelerate lists and saves (not the DDP wrapper)
+    names = {name for name, param in plain.named_parameters() if param.requires_grad}
 
     def position(models: list[nn.Module]) -> int:
-        return next(i for i, candidate in enumerate(models) if candidate is model)
+        return next(i for i, candidate in enumerate(models) if candidate in (plain, model))
 
     def keep_trainable(models: list[nn.Module], weights: list[dict[str, Any]], _: str) -> None:
         i = position(models)

@@ -69,7 +69,7 @@ def main(config: Config) -> dict[str, Any]:
         max_sequence_length,
         resolve_model_path,
     )
-    from kadapter.training import make_accelerator, train
+    from kadapter.training import batch_plan, make_accelerator, train
 
     cfg: lama.LamaConfig = config.lama
     started = time.perf_counter()
@@ -83,6 +83,8 @@ def main(config: Config) -> dict[str, Any]:
     # ---- 1. encoder + LM head + adapters, frozen, on the device
     accelerator = make_accelerator(cfg.mlm_head)
     device = accelerator.device
+    if cfg.train_mlm_head:  # a batch that cannot split fails before any model is loaded
+        batch_plan(cfg.mlm_head, accelerator.num_processes, "lama.mlm_head.batch_size")
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
     masked_lm = load_encoder(model_path, masked_lm=True, dtype=encoder_dtype(config.model, device))
@@ -212,12 +214,15 @@ def main(config: Config) -> dict[str, Any]:
                 collate=lama.MaskingCollator(tokenizer, head_cfg.mask_probability, config.seed),
                 loss_fn=loss_fn, predict_fn=predict_fn, metrics_fn=lama.dev_losses,
                 frozen=model, frozen_forward=frozen_forward, output_dir=out / "mlm_head",
-                seed=config.seed, accelerator=accelerator, description="LAMA MLM mix")
+                seed=config.seed, accelerator=accelerator, description="LAMA MLM mix",
+                batch_key="lama.mlm_head.batch_size")
             mixes = result.model.eval()
             shutil.rmtree(out / "mlm_head" / "checkpoints", ignore_errors=True)  # weights below
             save_file({k: v.detach().cpu().contiguous() for k, v in mixes.state_dict().items()},
                       str(out / "mlm_head" / "mix.safetensors"))
             mlm_report = {"trained": True, "steps": result.global_step,
+                          "batch": {**result.batch.to_dict(),
+                                    "examples_left_per_epoch": result.examples_left_per_epoch},
                           "train_blocks": len(train_blocks),
                           "dev_blocks": len(dev_blocks) if dev_blocks else 0,
                           "dev_mlm_loss": result.dev_metrics}
@@ -275,7 +280,8 @@ def main(config: Config) -> dict[str, Any]:
                        "model": model_path, "adapters": adapter_inputs,
                        "bert_model": cfg.bert_model},
             "parameters": {"seed": config.seed, "lama": to_plain(cfg), "model": to_plain(config.model),
-                           "device": str(device), "max_query_length": max_length},
+                           "device": str(device), "max_query_length": max_length,
+                           "mlm_head_batch": mlm_report.get("batch")},
             "counts": {"common_vocab_words": len(vocabulary.words),
                        "candidates": len(vocabulary.candidate_ids),
                        "common_words_not_single_token": len(vocabulary.not_single_token),
