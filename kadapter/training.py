@@ -26,14 +26,18 @@ API
         seed=config_seed,
         resume=False,               # True: continue from output_dir/checkpoints/<latest>
         accelerator=accelerator,
+        batch_key="pretrain_fac.batch_size",  # names config.batch_size in errors
     )
     result.model                    # the unwrapped trained module (best-on-dev weights when
                                     # config.select_metric is set), on accelerator.device
+    result.batch                    # BatchPlan: global batch, micro-batch, processes, ...
 
 Contract of the callables:
 
 - ``collate(list_of_features) -> dict[str, Tensor]``; the dict must hold ``attention_mask``
-  (real tokens are counted from it for tokens/s). ``PadCollator`` pads ragged columns to
+  (real tokens are counted from it for tokens/s). It runs in a background thread for
+  training batches, so it must not draw from torch's global RNG (a seeded generator of
+  its own is fine: its calls keep their order). ``PadCollator`` pads ragged columns to
   the longest example of the batch (dynamic padding) and stacks scalar columns.
 - ``loss_fn`` and ``predict_fn`` must call ``model(...)`` itself (its ``forward``), never
   only its sub-modules: DDP synchronises gradients through that call. ``predict_fn`` gets
@@ -46,27 +50,37 @@ Contract of the callables:
   gathered, order-preserving prediction is available on its own as ``predict_in_order``
   (fine-tuning uses it for the final dev and test predictions).
 
-What the loop does (one optimizer step = ``grad_accumulation`` micro-batches per process):
+What the loop does (one optimizer step = ``config.batch_size`` examples over all processes =
+``grad_accumulation`` micro-batches of ``batch_size / (processes x grad_accumulation)`` on
+each process; ``batch_plan`` derives them, and refuses a batch that does not divide):
 
 - AdamW (no weight decay on biases and LayerNorm weights), linear warm-up then linear
   decay to 0; ``scheduler.step()`` runs after ``optimizer.step()``; gradient clipping.
 - Length-grouped batches: each epoch the examples are shuffled (seeded by seed and
   epoch), cut into mega-batches of ``MEGABATCH`` batches, sorted by length inside each,
-  split into batches, and the batch order shuffled; so a batch holds similar lengths and
-  padding is small. Process k of n takes batches k, k+n, ... (whole batches, so grouping
-  survives sharding); the last ``len % n`` batches of an epoch are dropped when n > 1 so
-  that every process takes the same number of steps.
+  split into steps of ``batch_size`` examples, and the step order shuffled; so a step
+  holds similar lengths and padding is small. The epoch's ``len % batch_size`` leftover
+  examples (a different few each epoch) sit it out. The examples of a step do not depend
+  on the number of processes: each step is cut into processes x grad_accumulation
+  micro-batches (``BatchPlan.micro_batches``), so 1 or 8 processes take the same steps
+  over the same examples.
 - Gradient accumulation with ``accelerator.no_sync`` on all but the last micro-batch of a
-  step; an epoch's leftover micro-batches form a last, shorter step.
+  step. Micro-batches are collated ``prefetch_batches`` ahead in a background thread
+  (``Prefetcher``; pinned memory on CUDA, copied with ``non_blocking``); the loss and token
+  counters stay on the device and are read back only on logging, evaluation and
+  checkpoint steps.
 - Every ``log_every`` steps: mean loss, learning rate and real (non-pad) tokens/s over
   all processes -> ``metrics.jsonl`` (``{"kind": "train", ...}``), TensorBoard, tqdm bar.
 - Evaluation every ``eval_every`` steps, at each epoch's end and at the end ->
-  ``metrics.jsonl`` (``{"kind": "dev", ...}``) and TensorBoard. With ``select_metric``,
-  the trainable weights of the best evaluation are kept in ``best/`` and restored at the
-  end.
-- Checkpoints every ``save_every`` steps and at the end: ``accelerator.save_state`` (model,
-  optimizer, RNG of every process) plus the scheduler and ``training_state.json`` (step,
-  epoch, batch position inside the epoch, best value, token and time counters), written to
+  ``metrics.jsonl`` (``{"kind": "dev", "dev_examples": n, ...}``) and TensorBoard. With
+  ``eval_subset`` the periodic ones score a fixed seeded sample of dev and the last one
+  all of dev (selection then compares sample scores, the last step's taken from its
+  sample rows). With ``select_metric``, the weights of the best evaluation are kept in
+  ``best/`` and restored at the end.
+- Checkpoints every ``save_every`` steps and at the end: ``accelerator.save_state`` (the
+  trainable parameters only, not frozen modules inside ``model``; optimizer; RNG of every
+  process) plus the scheduler and ``training_state.json`` (step,
+  epoch, step position inside the epoch, best value, token and time counters), written to
   ``checkpoints/step-XXXXXXXX`` via a temporary directory and a rename; the newest
   ``keep_checkpoints`` are kept. ``resume=True`` loads the latest one, skips the batches
   already seen, truncates ``metrics.jsonl`` to its step, and continues: the final weights

@@ -190,10 +190,10 @@ def main(config: Config) -> dict[str, Any]:
             def frozen_forward(frozen: KAdapterModel, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
                 # features of the masked positions only: the heads never need the others
                 out_ = frozen(batch["input_ids"], batch["attention_mask"])
-                chosen = batch["labels"] != -100
-                return {"last": out_.last_hidden_state[chosen],
-                        "adapters": {n: o[chosen] for n, o in out_.adapter_outputs.items()},
-                        "labels": batch["labels"][chosen], "rows": chosen.nonzero()[:, 0]}
+                rows, cols = batch["masked_rows"], batch["masked_cols"]  # from the collator
+                return {"last": out_.last_hidden_state[rows, cols],
+                        "adapters": {n: o[rows, cols] for n, o in out_.adapter_outputs.items()},
+                        "labels": batch["labels"][rows, cols], "rows": rows}
 
             def loss_fn(trained: lama.VariantMixes, batch: dict[str, torch.Tensor],
                         features: dict[str, Any]) -> torch.Tensor:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_finetune import config_for, workspace  # noqa: F401  (the fine-tuning fixture)
 from torch import nn
 
 from kadapter.training import (
@@ -257,3 +258,43 @@ def test_no_host_device_sync_per_step_outside_logging_steps(tmp_path, monkeypatc
         run(tmp_path / str(steps), dev_rows=0, max_steps=steps, log_every=100, save_every=0)
         seen.append(counts["n"])
     assert seen[0] == seen[1], seen
+
+
+# ------------------------------------------------------------------ fine-tuning checkpoints
+
+
+def test_finetuning_checkpoints_leave_the_frozen_adapters_out(workspace, monkeypatch):  # noqa: F811
+    from kadapter import finetune
+    from kadapter.tasks import TASKS
+
+    built = []
+    original_model = finetune.FinetuneModel
+
+    def recording_model(*args, **kwargs):
+        built.append(original_model(*args, **kwargs))
+        return built[-1]
+
+    task = TASKS["typing"]
+    calls = {"n": 0}
+
+    def crashing_loss(logits, targets, original=task.loss):
+        calls["n"] += 1
+        if calls["n"] == 5:  # step 5, after the step-4 checkpoint
+            raise KeyboardInterrupt("simulated interruption")
+        return original(logits, targets)
+
+    monkeypatch.setattr(finetune, "FinetuneModel", recording_model)
+    monkeypatch.setattr(task, "loss", crashing_loss)
+    config = config_for(workspace, "--finetune.typing.max_steps", "6", "--finetune.typing.save_every",
+                        "1", "--finetune.typing.keep_checkpoints", "1",
+                        "--output_dir", str(workspace / "ckpt"))
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run_finetune(config, "typing", "fac,lin")
+    root = workspace / "ckpt/typing/.fac+lin.partial" / CHECKPOINTS
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]  # keep_checkpoints=1
+    with safe_open(str(root / "step-00000004" / "model.safetensors"), "pt") as handle:
+        saved = set(handle.keys())
+    parameters = dict(built[0].named_parameters())
+    frozen = {n for n, p in parameters.items() if not p.requires_grad}
+    assert frozen and all(".adapters." in n for n in frozen)  # the adapters, and only they
+    assert saved == {n for n, p in parameters.items() if p.requires_grad}
