@@ -750,7 +750,7 @@ def train(
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if checkpoint is not None:
         saved = read_json(checkpoint / STATE_FILE)
-        if saved["processes"] != world:  # the data position is per process
+        if saved["processes"] != world:  # dropout RNG states are per process
             raise ValueError(f"{checkpoint} was written by {saved['processes']} process(es); "
                              f"resume it with the same number, not {world}")
         accelerator.load_state(str(checkpoint), strict=False)  # trainable weights, checked by the hook
