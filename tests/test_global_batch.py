@@ -161,6 +161,24 @@ def test_two_processes_take_the_same_steps_over_the_same_examples(tmp_path, repo
         np.testing.assert_allclose(double["weights"][name], value, rtol=1e-4, atol=1e-6)
 
 
+# ------------------------------------------------------------------ the paper preset
+
+
+def test_paper_preset_holds_global_totals_that_fit_one_40gb_gpu():
+    from kadapter.config import load_config
+
+    config = load_config("configs/paper.yaml")
+    assert (config.pretrain_fac.batch_size, config.pretrain_lin.batch_size) == (128, 256)
+    assert config.pretrain_fac.eval_subset == config.pretrain_lin.eval_subset == 20_000
+    # examples per optimizer step = the original's; sequences per micro-batch on one GPU
+    # at most 16 x 256 tokens of roberta-large (CosmosQA: 4 sequences per question)
+    sequences = {"figer": 1, "cosmosqa": 4}
+    for task, effective in (("figer", 16), ("cosmosqa", 16)):
+        settings = getattr(config.finetune, task)
+        plan = batch_plan(settings, processes=1)
+        assert plan.global_batch == effective
+        assert plan.micro_batch * sequences[task] * settings.max_length <= 16 * 256, task
+
 def worker(output: Path) -> None:
     facts, seen = run_toy(output / "run")
     rank = int(os.environ["RANK"])

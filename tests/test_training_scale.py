@@ -234,6 +234,20 @@ def test_a_closed_prefetcher_stops_its_thread():
     assert not batches.thread.is_alive()
 
 
+def test_pinned_batches_when_asked(monkeypatch):
+    pinned = []
+
+    def fake_pin(self):  # pinning needs CUDA; record the call instead
+        pinned.append(self.shape)
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    make = lambda i: {"x": torch.as_tensor(i), "y": torch.zeros(2)}  # noqa: E731
+    with Prefetcher(make, [np.arange(3), np.arange(2)], depth=1, pin=True) as batches:
+        assert [b["x"].tolist() for b in batches] == [[0, 1, 2], [0, 1]]
+    assert pinned == [(3,), (2,), (2,), (2,)]
+
+
 SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
 
 
