@@ -36,6 +36,7 @@ from kadapter.precision import check_bf16
 from kadapter.tasks import TASKS, Encoded, Task, collate
 from kadapter.training import (
     TrainingConfig,
+    batch_plan,
     make_accelerator,
     precision_of,
     predict_in_order,
@@ -365,6 +366,8 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
     staging = final.with_name(f".{final.name}.partial")
     accelerator = make_accelerator(settings)
     main = accelerator.is_main_process
+    batch_key = f"finetune.{task_name}.batch_size"
+    batch_plan(settings, accelerator.num_processes, batch_key)  # a batch that cannot split fails now
     if main and not config.finetune.resume:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -402,10 +405,11 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
         resume=config.finetune.resume,
         accelerator=accelerator,
         description=f"{task_name} {VARIANTS[variant][1]}",
+        batch_key=batch_key,
     )
 
     # ---- the selected weights predict dev and test once; metrics come from the files
-    eval_batch = settings.eval_batch_size or 2 * settings.batch_size
+    eval_batch = result.batch.eval_batch
     logits = {split: predict_logits(result.model, data.encoded[split].features, pad_id, eval_batch,
                                     accelerator) for split in ("dev", "test")}
     summary: dict[str, Any] = {}
@@ -437,7 +441,9 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
                          "tokens": result.tokens, "train_seconds": round(result.train_seconds, 3),
                          "tokens_per_s": round(result.tokens_per_s, 1),
                          "wall_seconds": round(time.time() - started, 3),
-                         "resumed_from": result.resumed_from},
+                         "resumed_from": result.resumed_from,
+                         "batch": {**result.batch.to_dict(),
+                                   "examples_left_per_epoch": result.examples_left_per_epoch}},
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "versions": versions(),
             "outputs": ["predictions.jsonl", "dev_predictions.jsonl", "metrics.json",

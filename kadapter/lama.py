@@ -108,7 +108,8 @@ class MlmHeadConfig(TrainingConfig):
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW (a small one keeps the mix near its start)."""
     batch_size: int = 32
-    """Blocks per batch."""
+    """Text blocks per optimizer step over all processes (the global batch: each process
+    takes batch_size / (processes x grad_accumulation) blocks a micro-batch)."""
     epochs: int = 2
     """Passes over the text (the paper: 2 over WikiText-2)."""
     weight_decay: float = 0.0
@@ -641,7 +642,9 @@ def text_blocks(paths: list[Path], tokenizer: Any, max_length: int) -> list[dict
 
 
 class MaskingCollator:
-    """Pads a batch of blocks and masks it for MLM (seeded, so a run repeats exactly)."""
+    """Pads a batch of blocks and masks it for MLM (seeded, so a run repeats exactly).
+    Besides ``input_ids``, ``attention_mask`` and ``labels`` (-100 where not masked) it
+    returns ``masked_rows`` / ``masked_cols``: the masked positions in row-major order."""
 
     def __init__(self, tokenizer: Any, probability: float, seed: int):
         self.pad = PadCollator({"input_ids": tokenizer.pad_token_id})
@@ -663,7 +666,11 @@ class MaskingCollator:
         inputs = torch.where(chosen & (action < 0.8), self.mask_id, ids)
         inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), replacement, inputs)
         labels = torch.where(chosen, ids, -100)
-        return {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels}
+        # the masked positions, found here on the host: selecting them on the device with a
+        # boolean mask would make every step wait for the device (a data-dependent shape)
+        rows, cols = chosen.nonzero().unbind(1)
+        return {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels,
+                "masked_rows": rows, "masked_cols": cols}
 
 
 def mlm_loss_sums(logits: dict[str, torch.Tensor], labels: torch.Tensor, rows: torch.Tensor,

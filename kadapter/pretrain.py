@@ -90,6 +90,7 @@ from kadapter.training import (
     FeatureTable,
     PadCollator,
     TrainingConfig,
+    batch_plan,
     make_accelerator,
     precision_of,
     train,
@@ -457,6 +458,8 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
     data_dir, output_dir, cache_dir = resolve_paths(section, task, config.preset)
     accelerator = make_accelerator(section)
     main = accelerator.is_main_process
+    batch_key = f"pretrain_{task}.batch_size"
+    batch_plan(section, accelerator.num_processes, batch_key)  # a batch that cannot split fails now
 
     # ---- model files, tokenizer, features (built once, then read from the cache)
     with accelerator.main_process_first():
@@ -493,7 +496,8 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
         loss_fn=loss_fn, predict_fn=predict_fn, metrics_fn=metrics_fn,
         frozen=encoder, frozen_dtype=dtype,
         frozen_forward=encode_hidden_states, output_dir=output_dir, seed=config.seed,
-        resume=resume, accelerator=accelerator, description=f"pretrain {task}")
+        resume=resume, accelerator=accelerator, description=f"pretrain {task}",
+        batch_key=batch_key)
 
     # ---- outputs: the adapter (+ head) and the manifest, written by the main process
     baseline = None
@@ -509,6 +513,8 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
                      "tokens_per_s": round(result.tokens_per_s, 1),
                      "wall_seconds": round(time.time() - started, 3),
                      "processes": accelerator.num_processes,
+                     "batch": {**result.batch.to_dict(),
+                               "examples_left_per_epoch": result.examples_left_per_epoch},
                      "device": str(accelerator.device),
                      "mixed_precision": accelerator.mixed_precision,
                      "precision": precision_of(section).to_dict(), "encoder_dtype": str(dtype),

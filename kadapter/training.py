@@ -26,14 +26,18 @@ API
         seed=config_seed,
         resume=False,               # True: continue from output_dir/checkpoints/<latest>
         accelerator=accelerator,
+        batch_key="pretrain_fac.batch_size",  # names config.batch_size in errors
     )
     result.model                    # the unwrapped trained module (best-on-dev weights when
                                     # config.select_metric is set), on accelerator.device
+    result.batch                    # BatchPlan: global batch, micro-batch, processes, ...
 
 Contract of the callables:
 
 - ``collate(list_of_features) -> dict[str, Tensor]``; the dict must hold ``attention_mask``
-  (real tokens are counted from it for tokens/s). ``PadCollator`` pads ragged columns to
+  (real tokens are counted from it for tokens/s). It runs in a background thread for
+  training batches, so it must not draw from torch's global RNG (a seeded generator of
+  its own is fine: its calls keep their order). ``PadCollator`` pads ragged columns to
   the longest example of the batch (dynamic padding) and stacks scalar columns.
 - ``frozen_forward``, ``loss_fn`` and ``predict_fn`` run inside the accelerator's autocast
   region (``config.bf16``, kadapter/precision.py), so every module they call, not only
@@ -49,27 +53,37 @@ Contract of the callables:
   gathered, order-preserving prediction is available on its own as ``predict_in_order``
   (fine-tuning uses it for the final dev and test predictions).
 
-What the loop does (one optimizer step = ``grad_accumulation`` micro-batches per process):
+What the loop does (one optimizer step = ``config.batch_size`` examples over all processes =
+``grad_accumulation`` micro-batches of ``batch_size / (processes x grad_accumulation)`` on
+each process; ``batch_plan`` derives them, and refuses a batch that does not divide):
 
 - AdamW (no weight decay on biases and LayerNorm weights), linear warm-up then linear
   decay to 0; ``scheduler.step()`` runs after ``optimizer.step()``; gradient clipping.
 - Length-grouped batches: each epoch the examples are shuffled (seeded by seed and
   epoch), cut into mega-batches of ``MEGABATCH`` batches, sorted by length inside each,
-  split into batches, and the batch order shuffled; so a batch holds similar lengths and
-  padding is small. Process k of n takes batches k, k+n, ... (whole batches, so grouping
-  survives sharding); the last ``len % n`` batches of an epoch are dropped when n > 1 so
-  that every process takes the same number of steps.
+  split into steps of ``batch_size`` examples, and the step order shuffled; so a step
+  holds similar lengths and padding is small. The epoch's ``len % batch_size`` leftover
+  examples (a different few each epoch) sit it out. The examples of a step do not depend
+  on the number of processes: each step is cut into processes x grad_accumulation
+  micro-batches (``BatchPlan.micro_batches``), so 1 or 8 processes take the same steps
+  over the same examples.
 - Gradient accumulation with ``accelerator.no_sync`` on all but the last micro-batch of a
-  step; an epoch's leftover micro-batches form a last, shorter step.
+  step. Micro-batches are collated ``prefetch_batches`` ahead in a background thread
+  (``Prefetcher``; pinned memory on CUDA, copied with ``non_blocking``); the loss and token
+  counters stay on the device and are read back only on logging, evaluation and
+  checkpoint steps.
 - Every ``log_every`` steps: mean loss, learning rate and real (non-pad) tokens/s over
   all processes -> ``metrics.jsonl`` (``{"kind": "train", ...}``), TensorBoard, tqdm bar.
 - Evaluation every ``eval_every`` steps, at each epoch's end and at the end ->
-  ``metrics.jsonl`` (``{"kind": "dev", ...}``) and TensorBoard. With ``select_metric``,
-  the trainable weights of the best evaluation are kept in ``best/`` and restored at the
-  end.
-- Checkpoints every ``save_every`` steps and at the end: ``accelerator.save_state`` (model,
-  optimizer, RNG of every process) plus the scheduler and ``training_state.json`` (step,
-  epoch, batch position inside the epoch, best value, token and time counters), written to
+  ``metrics.jsonl`` (``{"kind": "dev", "dev_examples": n, ...}``) and TensorBoard. With
+  ``eval_subset`` the periodic ones score a fixed seeded sample of dev and the last one
+  all of dev (selection then compares sample scores, the last step's taken from its
+  sample rows). With ``select_metric``, the weights of the best evaluation are kept in
+  ``best/`` and restored at the end.
+- Checkpoints every ``save_every`` steps and at the end: ``accelerator.save_state`` (the
+  trainable parameters only, not frozen modules inside ``model``; optimizer; RNG of every
+  process) plus the scheduler and ``training_state.json`` (step,
+  epoch, step position inside the epoch, best value, token and time counters), written to
   ``checkpoints/step-XXXXXXXX`` via a temporary directory and a rename; the newest
   ``keep_checkpoints`` are kept. ``resume=True`` loads the latest one, skips the batches
   already seen, truncates ``metrics.jsonl`` to its step, and continues: the final weights
@@ -81,9 +95,10 @@ What the loop does (one optimizer step = ``grad_accumulation`` micro-batches per
 from __future__ import annotations
 
 import contextlib
-import math
 import os
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -97,6 +112,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from kadapter.config import ConfigError
 from kadapter.io import atomic_write_bytes, atomic_write_json, read_json
 from kadapter.precision import Precision, check_bf16, precision_for
 
@@ -106,6 +122,7 @@ STATE_FILE = "training_state.json"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 BEST_DIR = "best"
+RECORD_KEYS = ("kind", "step", "epoch", "dev_examples")  # metrics.jsonl fields that are not metrics
 
 
 @dataclass
@@ -115,10 +132,14 @@ class TrainingConfig:
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW (reached after warm-up)."""
     batch_size: int = 32
-    """Examples per micro-batch per process. Examples per optimizer step =
-    batch_size x grad_accumulation x processes."""
+    """Examples per optimizer step, over all processes together (the global batch, as
+    papers state it): each process takes micro-batches of batch_size / (processes x
+    grad_accumulation) examples, so a step count means the same epochs on 1 or 8 GPUs. A
+    value that does not divide is an error. An epoch's last examples that cannot fill a
+    whole step are left out of that epoch (a different few each epoch)."""
     grad_accumulation: int = 1
-    """Micro-batches whose gradients are summed before each optimizer step."""
+    """Micro-batches per process whose gradients are summed before each optimizer step
+    (smaller micro-batches, same global batch: for memory)."""
     epochs: int = 1
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = None
@@ -135,7 +156,14 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this value; None = no clipping."""
     eval_batch_size: int | None = None
-    """Examples per evaluation batch per process; None = 2 x batch_size."""
+    """Examples per evaluation batch per process; None = 2 x the training micro-batch."""
+    eval_subset: int | None = None
+    """Periodic evaluations (eval_every, epoch ends) score a fixed sample of this many dev
+    examples, drawn with the run's seed (the same at every evaluation and after resume);
+    the last step scores the whole dev set. None = every evaluation scores all of dev."""
+    prefetch_batches: int = 2
+    """Micro-batches collated ahead of the step in a background thread (pinned memory and
+    non-blocking copies on CUDA); 0 = collate in the training thread."""
     length_grouping: bool = True
     """Group examples of similar length into the same batch (less padding)."""
     log_every: int = 10
@@ -168,6 +196,10 @@ class TrainingConfig:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1 or null, got {self.eval_batch_size}")
+        if self.eval_subset is not None and self.eval_subset < 1:
+            raise ValueError(f"eval_subset must be >= 1 or null, got {self.eval_subset}")
+        if self.prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
@@ -322,7 +354,7 @@ def batch_order(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int,
 
 
 def example_lengths(data: Sequence[dict[str, Any]]) -> np.ndarray:
-    if isinstance(data, FeatureTable):
+    if isinstance(data, (FeatureTable, SubsetView)):
         return data.lengths
     return np.asarray([len(data[i]["input_ids"]) for i in range(len(data))])
 
@@ -364,6 +396,159 @@ def shard_batches(batches: list[np.ndarray], rank: int, world: int,
     return batches[rank:usable:world]
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the examples of one optimizer step are spread over processes and micro-batches:
+    ``global_batch = processes x grad_accumulation x micro_batch``."""
+
+    global_batch: int
+    micro_batch: int
+    processes: int
+    grad_accumulation: int
+    eval_batch: int
+    """Examples per evaluation batch per process."""
+
+    def micro_batches(self, step_examples: np.ndarray, rank: int) -> list[np.ndarray]:
+        """The ``grad_accumulation`` micro-batches of process ``rank`` in one step's examples.
+
+        The step's examples (length-sorted when grouped) are cut into processes x
+        grad_accumulation consecutive slices; accumulation round a gives processes
+        neighbouring slices, so processes that wait for each other hold similar lengths.
+        """
+        slices = len(step_examples) // self.micro_batch
+        if len(step_examples) != self.global_batch or slices != self.processes * self.grad_accumulation:
+            raise ValueError(f"a step holds {len(step_examples)} examples, expected {self.global_batch}")
+        return [step_examples[(a * self.processes + rank) * self.micro_batch:][:self.micro_batch]
+                for a in range(self.grad_accumulation)]
+
+    def to_dict(self) -> dict[str, int]:
+        return {"global_batch": self.global_batch, "micro_batch": self.micro_batch,
+                "processes": self.processes, "grad_accumulation": self.grad_accumulation,
+                "eval_batch": self.eval_batch}
+
+
+def batch_plan(config: TrainingConfig, processes: int, key: str = "batch_size") -> BatchPlan:
+    """The micro-batch of each process for ``config.batch_size`` examples a step; a global
+    batch that does not divide is a one-line error naming ``key`` and the process count."""
+    slots = processes * config.grad_accumulation
+    if config.batch_size % slots:
+        hint = f"make it a multiple of {slots}"
+        if config.batch_size % processes == 0:
+            per_process = config.batch_size // processes
+            fits = [g for g in range(1, per_process + 1) if per_process % g == 0]
+            hint += f", or set grad_accumulation to one of {fits}"
+        raise ConfigError(f"{key} {config.batch_size} (examples per optimizer step) does not split "
+                          f"over {processes} process(es) x grad_accumulation "
+                          f"{config.grad_accumulation}: {hint}")
+    micro = config.batch_size // slots
+    return BatchPlan(config.batch_size, micro, processes, config.grad_accumulation,
+                     config.eval_batch_size or 2 * micro)
+
+
+def step_batches(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int,
+                 group_by_length: bool = True) -> list[np.ndarray]:
+    """The examples of each optimizer step of one epoch: ``batch_order``'s batches of the
+    global batch size, the one short batch (the epoch's leftover) left out. The same for
+    any number of processes."""
+    return [b for b in batch_order(lengths, batch_size, seed=seed, epoch=epoch,
+                                   group_by_length=group_by_length) if len(b) == batch_size]
+
+
+def eval_subset_indices(size: int, subset: int | None, seed: int) -> np.ndarray | None:
+    """Sorted dev indices of the periodic evaluations: a sample drawn from ``seed`` alone
+    (so the same at every evaluation and after resume); None = the whole dev set."""
+    if subset is None or subset >= size:
+        return None
+    return np.sort(np.random.default_rng([seed, size, subset]).choice(size, subset, replace=False))
+
+
+class SubsetView(Sequence):
+    """Rows ``indices`` of a dataset, in that order (lengths kept for batching)."""
+
+    def __init__(self, data: Sequence[dict[str, Any]], indices: np.ndarray):
+        self.data, self.indices = data, indices
+        self.lengths = example_lengths(data)[indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.data[int(self.indices[index])]
+
+
+_DONE = object()
+
+
+class Prefetcher:
+    """Collates batches in a background thread, up to ``depth`` ahead of the consumer.
+
+    ``make_batch(indices) -> {name: tensor}`` runs in the thread, in order, one call per
+    item of ``index_batches``; with ``pin`` the tensors are copied to pinned (page-locked)
+    host memory so the step's ``.to(device, non_blocking=True)`` overlaps with compute.
+    An error in the thread is raised by the consumer's next ``next()``. ``depth`` 0 =
+    no thread: each batch is made when asked for. ``close()`` (or leaving the ``with``
+    block) stops the thread without waiting for the remaining batches.
+    """
+
+    def __init__(self, make_batch: Callable[[np.ndarray], dict[str, torch.Tensor]],
+                 index_batches: Sequence[np.ndarray], depth: int = 2, pin: bool = False):
+        self.make_batch, self.index_batches, self.pin = make_batch, index_batches, pin
+        self.inline = iter(index_batches) if depth == 0 else None
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.stopped = threading.Event()
+        self.thread = None
+        if depth > 0:
+            self.thread = threading.Thread(target=self._produce, name="batch-prefetch", daemon=True)
+            self.thread.start()
+
+    def _prepare(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = self.make_batch(indices)
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin else batch
+
+    def _put(self, item: Any) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for indices in self.index_batches:
+                if not self._put(self._prepare(indices)):
+                    return
+            self._put(_DONE)
+        except BaseException as err:  # handed to the consumer, raised there
+            self._put(err)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.inline is not None:
+            return self._prepare(next(self.inline))
+        item = self.queue.get()
+        if item is _DONE:
+            self.queue.put(_DONE)  # later calls stop too
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -391,6 +576,36 @@ def make_accelerator(config: TrainingConfig):
 def precision_of(config: TrainingConfig) -> Precision:
     """The mixed precision ``config.bf16`` resolves to on this machine, and why."""
     return precision_for(config.bf16)
+
+
+def trainable_checkpoints(accelerator: Any, model: nn.Module) -> list[Any]:
+    """Make ``accelerator.save_state`` write only the trainable parameters of the prepared
+    ``model`` (frozen modules inside it, e.g. fine-tuning's adapters, are loaded from their
+    own files at every start), and ``load_state`` check that a checkpoint holds exactly
+    those. Returns the hook handles (``.remove()`` them when done)."""
+    from safetensors import safe_open
+
+    plain = accelerator.unwrap_model(model)  # what Accelerate lists and saves (not the DDP wrapper)
+    names = {name for name, param in plain.named_parameters() if param.requires_grad}
+
+    def position(models: list[nn.Module]) -> int:
+        return next(i for i, candidate in enumerate(models) if candidate in (plain, model))
+
+    def keep_trainable(models: list[nn.Module], weights: list[dict[str, Any]], _: str) -> None:
+        i = position(models)
+        weights[i] = {k: v for k, v in weights[i].items() if k in names}
+
+    def check_trainable(models: list[nn.Module], input_dir: str) -> None:
+        i = position(models)
+        path = Path(input_dir) / (f"model_{i}.safetensors" if i else "model.safetensors")
+        with safe_open(str(path), framework="pt") as handle:
+            saved = set(handle.keys())
+        if saved != names:
+            raise ValueError(f"{path}: holds {len(saved)} tensors, not the {len(names)} trainable "
+                             f"weights of this model (e.g. {sorted(saved ^ names)[:3]})")
+
+    return [accelerator.register_save_state_pre_hook(keep_trainable),
+            accelerator.register_load_state_pre_hook(check_trainable)]
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -439,7 +654,7 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = ""
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], marker=".")
     left.set(xlabel="optimizer step", ylabel="training loss", title="loss")
-    names = sorted({k for r in dev_records for k in r if k not in ("kind", "step", "epoch")})
+    names = sorted({k for r in dev_records for k in r if k not in RECORD_KEYS})
     for name in names:
         points = [(r["step"], r[name]) for r in dev_records if name in r]
         right.plot(*zip(*points), marker="o", label=name)
@@ -460,13 +675,18 @@ class TrainResult:
     """The unwrapped trainable module (best-on-dev weights when select_metric is set)."""
     global_step: int
     dev_metrics: dict[str, float] | None
-    """Metrics of the returned weights (the best evaluation, or the final one)."""
+    """Metrics of the returned weights: the final evaluation's (all of dev), or the best
+    evaluation's when select_metric chose an earlier step (on the eval subset if set)."""
     best_step: int | None
     tokens: int
     """Real (non-pad) training tokens processed, all processes, over the whole run."""
     train_seconds: float
     """Wall time of the training steps (evaluation and checkpointing excluded)."""
     resumed_from: int | None
+    batch: BatchPlan
+    """Global batch, micro-batch, processes and accumulation of the run."""
+    examples_left_per_epoch: int
+    """Training examples of each epoch that fill no whole step (a different few each epoch)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -494,8 +714,10 @@ def train(
     resume: bool = False,
     accelerator: Any = None,
     description: str = "train",
+    batch_key: str = "batch_size",
 ) -> TrainResult:
-    """Train ``model`` on ``train_data``; see the module docstring for the contract."""
+    """Train ``model`` on ``train_data``; see the module docstring for the contract.
+    ``batch_key`` names ``config.batch_size`` in errors (e.g. ``pretrain_fac.batch_size``)."""
     from accelerate.utils import set_seed
     from safetensors.torch import load_model, save_model
     from tqdm.auto import tqdm
@@ -518,16 +740,15 @@ def train(
     if frozen is not None:
         frozen.requires_grad_(False).eval().to(device=device, dtype=frozen_dtype)
 
-    # ---- batches per process and steps
+    # ---- steps: global batches of batch_size examples, whatever the number of processes
+    plan = batch_plan(config, world, batch_key)
     lengths = example_lengths(train_data)
-    micro_per_epoch = len(shard_batches(
-        batch_order(lengths, config.batch_size, seed=seed, epoch=0,
-                    group_by_length=config.length_grouping), rank, world))
-    if micro_per_epoch == 0:
-        raise ValueError(f"{len(train_data)} training examples make fewer batches of "
-                         f"{config.batch_size} than there are processes ({world})")
-    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accumulation)
+    steps_per_epoch = len(train_data) // plan.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_data)} training examples do not fill one optimizer step "
+                         f"of {batch_key} {plan.global_batch}")
     total_steps = config.max_steps or config.epochs * steps_per_epoch
+    subset = eval_subset_indices(len(dev_data), config.eval_subset, seed) if dev_data else None
     warmup_steps = min(config.warmup_steps or int(config.warmup_ratio * total_steps),
                        total_steps - 1)
 
@@ -541,6 +762,7 @@ def train(
     scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
     accelerator.register_for_checkpointing(scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    checkpoint_hooks = trainable_checkpoints(accelerator, model)
 
     # ---- fresh start or resume
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0,
@@ -549,10 +771,10 @@ def train(
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if checkpoint is not None:
         saved = read_json(checkpoint / STATE_FILE)
-        if saved["processes"] != world:  # the data position is per process
+        if saved["processes"] != world:  # dropout RNG states are per process
             raise ValueError(f"{checkpoint} was written by {saved['processes']} process(es); "
                              f"resume it with the same number, not {world}")
-        accelerator.load_state(str(checkpoint))
+        accelerator.load_state(str(checkpoint), strict=False)  # trainable weights, checked by the hook
         state = saved
         if main:
             print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})")
@@ -584,11 +806,14 @@ def train(
             handle.write(orjson.dumps(record) + b"\n")
         prefix = record["kind"]
         for key, value in record.items():
-            if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+            if key not in RECORD_KEYS and isinstance(value, (int, float)):
                 writer.add_scalar(f"{prefix}/{key}", value, record["step"])
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def make_batch(index: np.ndarray) -> dict[str, torch.Tensor]:
+        return collate([train_data[int(i)] for i in index])
 
     def encode(batch: dict[str, torch.Tensor]) -> Any:
         if frozen is None:
@@ -596,15 +821,20 @@ def train(
         with torch.no_grad(), accelerator.autocast():
             return frozen_forward(frozen, batch)
 
-    def evaluate() -> dict[str, float]:
-        """Predict the dev set (sharded over processes), gather in dev order, score."""
+    def evaluate(final: bool) -> tuple[dict[str, float], dict[str, float]]:
+        """Predict dev (sharded over processes), gather in dev order, score -> (metrics to
+        log, metrics to select on). Periodic evaluations score the eval subset only; the
+        final one scores all of dev, and its subset rows give the comparable selection value."""
         plain = accelerator.unwrap_model(model)
         plain.eval()
-        merged = predict_in_order(
-            accelerator, dev_data, config.eval_batch_size or 2 * config.batch_size, collate,
-            lambda batch: predict_fn(plain, batch, encode(batch)))
+        data = dev_data if final or subset is None else SubsetView(dev_data, subset)
+        merged = predict_in_order(accelerator, data, plan.eval_batch, collate,
+                                  lambda batch: predict_fn(plain, batch, encode(batch)))
         model.train()
-        return metrics_fn(merged)
+        metrics = metrics_fn(merged)
+        if not final or subset is None:
+            return metrics, metrics
+        return metrics, metrics_fn({name: values[subset] for name, values in merged.items()})
 
     def save_checkpoint() -> None:
         root = output_dir / CHECKPOINTS
@@ -640,17 +870,20 @@ def train(
                 "clock": time.perf_counter()}
 
     def evaluate_and_select(step: int) -> None:
-        metrics = evaluate()
+        final = step == total_steps
+        metrics, selection = evaluate(final)
         state["last_metrics"] = metrics
-        log({"kind": "dev", "step": step, "epoch": state["epoch"], **metrics})
+        examples = len(dev_data) if final or subset is None else len(subset)
+        log({"kind": "dev", "step": step, "epoch": state["epoch"], "dev_examples": examples,
+             **metrics})
         if config.select_metric is None:
             return
-        if config.select_metric not in metrics:
+        if config.select_metric not in selection:
             raise KeyError(f"select_metric {config.select_metric!r} is not a dev metric "
-                           f"(have {sorted(metrics)})")
-        value = metrics[config.select_metric]
+                           f"(have {sorted(selection)})")
+        value = selection[config.select_metric]
         if state["best"] is None or value > state["best"]:
-            state.update(best=value, best_step=step, best_metrics=metrics)
+            state.update(best=value, best_step=step, best_metrics=selection)
             if main:
                 best = output_dir / BEST_DIR
                 best.mkdir(parents=True, exist_ok=True)
@@ -665,60 +898,72 @@ def train(
     model.train()
     window = new_window()  # since the last flush of token and time counters
     log_loss, log_count, log_tokens, log_seconds = 0.0, 0, 0, 0.0  # since the last log line
+    steps_epoch, steps = None, []
     while state["step"] < total_steps:
         epoch = state["epoch"]
-        batches = shard_batches(batch_order(lengths, config.batch_size, seed=seed, epoch=epoch,
-                                            group_by_length=config.length_grouping), rank, world)
-        position = state["batch"]
-        while position < len(batches) and state["step"] < total_steps:
-            # one optimizer step over up to grad_accumulation micro-batches
-            micro = batches[position:position + config.grad_accumulation]
-            for offset, index in enumerate(micro):
-                batch = to_device(collate([train_data[int(i)] for i in index]))
-                frozen_out = encode(batch)
-                last = offset == len(micro) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    with accelerator.autocast():  # modules loss_fn calls beside the model too
-                        loss = loss_fn(model, batch, frozen_out)
-                    accelerator.backward(loss / len(micro))
-                window["loss_sum"] += loss.detach().float()
-                window["loss_count"] += 1
-                window["tokens"] += batch["attention_mask"].sum()
-            if config.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            if not optimizer.step_was_skipped:  # fp16: an overflowing step is not taken
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.update(1)
+        if steps_epoch != epoch:
+            steps_epoch, steps = epoch, step_batches(lengths, plan.global_batch, seed=seed,
+                                                     epoch=epoch, group_by_length=config.length_grouping)
+        position = state["batch"]  # optimizer steps of this epoch already taken
+        # One prefetched segment runs up to the next evaluation: an evaluation may call the
+        # same collate (e.g. a seeded masking collator), so collation pauses around it and
+        # the order of collate calls is that of an unprefetched run.
+        segment_end = min(len(steps), position + total_steps - state["step"])
+        if dev_data is not None and config.eval_every:
+            next_eval = (state["step"] // config.eval_every + 1) * config.eval_every
+            segment_end = min(segment_end, position + next_eval - state["step"])
+        micro_batches = [m for examples in steps[position:segment_end]
+                         for m in plan.micro_batches(examples, rank)]
+        with Prefetcher(make_batch, micro_batches, config.prefetch_batches,
+                        pin=device.type == "cuda") as prefetched:
+            while position < segment_end:
+                # one optimizer step: grad_accumulation micro-batches on every process
+                for offset in range(plan.grad_accumulation):
+                    batch = to_device(next(prefetched))
+                    frozen_out = encode(batch)
+                    last = offset == plan.grad_accumulation - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        with accelerator.autocast():  # modules loss_fn calls beside the model too
+                            loss = loss_fn(model, batch, frozen_out)
+                        accelerator.backward(loss / plan.grad_accumulation)
+                    window["loss_sum"] += loss.detach().float()
+                    window["loss_count"] += 1
+                    window["tokens"] += batch["attention_mask"].sum()
+                if config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                if not optimizer.step_was_skipped:  # fp16: an overflowing step is not taken
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.update(1)
 
-            position += len(micro)
-            step = state["step"] = state["step"] + 1
-            epoch_end = position >= len(batches)
-            state["epoch"], state["batch"] = (epoch + 1, 0) if epoch_end else (epoch, position)
-            do_log = step % config.log_every == 0 or step == total_steps
-            do_eval = dev_data is not None and (
-                epoch_end or step == total_steps
-                or bool(config.eval_every and step % config.eval_every == 0))
-            do_save = bool(config.save_every and step % config.save_every == 0) or step == total_steps
-            if not (do_log or do_eval or do_save):
-                continue
-            loss_mean, tokens, seconds = flush(window)
-            log_loss += loss_mean * window["loss_count"]
-            log_count += window["loss_count"]
-            log_tokens += tokens
-            log_seconds += seconds
-            if do_log:
-                tokens_per_s = log_tokens / max(log_seconds, 1e-9)
-                log({"kind": "train", "step": step, "epoch": epoch, "loss": log_loss / log_count,
-                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s})
-                bar.set_postfix(loss=f"{log_loss / log_count:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-                log_loss, log_count, log_tokens, log_seconds = 0.0, 0, 0, 0.0
-            if do_eval:
-                evaluate_and_select(step)
-            if do_save:
-                save_checkpoint()
-            window = new_window()  # evaluation and checkpointing are not training time
+                position += 1
+                step = state["step"] = state["step"] + 1
+                epoch_end = position >= len(steps)
+                state["epoch"], state["batch"] = (epoch + 1, 0) if epoch_end else (epoch, position)
+                do_log = step % config.log_every == 0 or step == total_steps
+                do_eval = dev_data is not None and (
+                    epoch_end or step == total_steps
+                    or bool(config.eval_every and step % config.eval_every == 0))
+                do_save = bool(config.save_every and step % config.save_every == 0) or step == total_steps
+                if not (do_log or do_eval or do_save):
+                    continue
+                loss_mean, tokens, seconds = flush(window)
+                log_loss += loss_mean * window["loss_count"]
+                log_count += window["loss_count"]
+                log_tokens += tokens
+                log_seconds += seconds
+                if do_log:
+                    tokens_per_s = log_tokens / max(log_seconds, 1e-9)
+                    log({"kind": "train", "step": step, "epoch": epoch, "loss": log_loss / log_count,
+                         "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s})
+                    bar.set_postfix(loss=f"{log_loss / log_count:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                    log_loss, log_count, log_tokens, log_seconds = 0.0, 0, 0, 0.0
+                if do_eval:
+                    evaluate_and_select(step)
+                if do_save:
+                    save_checkpoint()
+                window = new_window()  # evaluation and checkpointing are not training time
     bar.close()
 
     # ---- best weights back, logs closed, curves drawn
@@ -729,11 +974,15 @@ def train(
         # safetensors takes "cpu" but not the "cpu:0" a multi-process CPU run reports.
         target = "cpu" if device.type == "cpu" else str(device)
         load_model(plain, str(output_dir / BEST_DIR / "model.safetensors"), device=target)
-        dev_metrics = state["best_metrics"]
+        if state["best_step"] != state["step"]:  # else the final, whole-dev metrics
+            dev_metrics = state["best_metrics"]
     if main:
         writer.close()
         plot_curves(read_metrics(output_dir), output_dir / CURVES_FILE, description)
     accelerator.wait_for_everyone()
+    for handle in checkpoint_hooks:
+        handle.remove()
     plain.eval()
     return TrainResult(plain, state["step"], dev_metrics, state["best_step"],
-                       state["tokens"], state["train_seconds"], resumed_from)
+                       state["tokens"], state["train_seconds"], resumed_from, plan,
+                       len(train_data) - steps_per_epoch * plan.global_batch)

@@ -69,7 +69,7 @@ def main(config: Config) -> dict[str, Any]:
         max_sequence_length,
         resolve_model_path,
     )
-    from kadapter.training import make_accelerator, precision_of, train
+    from kadapter.training import batch_plan, make_accelerator, precision_of, train
 
     cfg: lama.LamaConfig = config.lama
     started = time.perf_counter()
@@ -83,6 +83,8 @@ def main(config: Config) -> dict[str, Any]:
     # ---- 1. encoder + LM head + adapters, frozen, on the device
     accelerator = make_accelerator(cfg.mlm_head)
     device = accelerator.device
+    if cfg.train_mlm_head:  # a batch that cannot split fails before any model is loaded
+        batch_plan(cfg.mlm_head, accelerator.num_processes, "lama.mlm_head.batch_size")
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
     masked_lm = load_encoder(model_path, masked_lm=True,
@@ -189,10 +191,10 @@ def main(config: Config) -> dict[str, Any]:
             def frozen_forward(frozen: KAdapterModel, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
                 # features of the masked positions only: the heads never need the others
                 out_ = frozen(batch["input_ids"], batch["attention_mask"])
-                chosen = batch["labels"] != -100
-                return {"last": out_.last_hidden_state[chosen],
-                        "adapters": {n: o[chosen] for n, o in out_.adapter_outputs.items()},
-                        "labels": batch["labels"][chosen], "rows": chosen.nonzero()[:, 0]}
+                rows, cols = batch["masked_rows"], batch["masked_cols"]  # from the collator
+                return {"last": out_.last_hidden_state[rows, cols],
+                        "adapters": {n: o[rows, cols] for n, o in out_.adapter_outputs.items()},
+                        "labels": batch["labels"][rows, cols], "rows": rows}
 
             def loss_fn(trained: lama.VariantMixes, batch: dict[str, torch.Tensor],
                         features: dict[str, Any]) -> torch.Tensor:
@@ -214,12 +216,15 @@ def main(config: Config) -> dict[str, Any]:
                 collate=lama.MaskingCollator(tokenizer, head_cfg.mask_probability, config.seed),
                 loss_fn=loss_fn, predict_fn=predict_fn, metrics_fn=lama.dev_losses,
                 frozen=model, frozen_forward=frozen_forward, output_dir=out / "mlm_head",
-                seed=config.seed, accelerator=accelerator, description="LAMA MLM mix")
+                seed=config.seed, accelerator=accelerator, description="LAMA MLM mix",
+                batch_key="lama.mlm_head.batch_size")
             mixes = result.model.eval()
             shutil.rmtree(out / "mlm_head" / "checkpoints", ignore_errors=True)  # weights below
             save_file({k: v.detach().cpu().contiguous() for k, v in mixes.state_dict().items()},
                       str(out / "mlm_head" / "mix.safetensors"))
             mlm_report = {"trained": True, "steps": result.global_step,
+                          "batch": {**result.batch.to_dict(),
+                                    "examples_left_per_epoch": result.examples_left_per_epoch},
                           "train_blocks": len(train_blocks),
                           "dev_blocks": len(dev_blocks) if dev_blocks else 0,
                           "dev_mlm_loss": result.dev_metrics}
@@ -279,7 +284,8 @@ def main(config: Config) -> dict[str, Any]:
                        "bert_model": cfg.bert_model},
             "parameters": {"seed": config.seed, "lama": to_plain(cfg), "model": to_plain(config.model),
                            "device": str(device), "max_query_length": max_length,
-                           "precision": precision_of(cfg.mlm_head).to_dict()},
+                           "precision": precision_of(cfg.mlm_head).to_dict(),
+                           "mlm_head_batch": mlm_report.get("batch")},
             "counts": {"common_vocab_words": len(vocabulary.words),
                        "candidates": len(vocabulary.candidate_ids),
                        "common_words_not_single_token": len(vocabulary.not_single_token),

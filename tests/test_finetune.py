@@ -305,6 +305,8 @@ def test_two_process_cpu_run_reloads_the_best_weights(workspace, repo_root):
     out = workspace / "ddp/tacred/fac"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parameters"]["processes"] == 2 and manifest["training"]["steps"] == 4
+    batch = manifest["training"]["batch"]  # batch_size 8 is examples per step: 4 a process
+    assert (batch["global_batch"], batch["micro_batch"], batch["processes"]) == (8, 4, 2)
     metrics = json.loads((out / "metrics.json").read_text())
     dev = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
            if r["kind"] == "dev"}

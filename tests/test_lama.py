@@ -463,6 +463,8 @@ def test_masking_collator_is_seeded_and_masks_only_real_tokens(roberta_tokens):
     masked = (first["input_ids"] == tokenizer.mask_token_id) & chosen
     assert 0.7 < masked.sum() / chosen.sum() < 0.9
     assert torch.equal(first["input_ids"][~chosen], padded[~chosen])
+    # the masked positions come with the batch (no boolean selection on the device)
+    assert torch.equal(torch.stack([first["masked_rows"], first["masked_cols"]], 1), chosen.nonzero())
 
 
 def test_text_blocks_cut_the_token_stream(tmp_path, roberta_tokens):

@@ -362,6 +362,9 @@ def test_two_process_cpu_run(sample_dirs, tiny_model_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = read_json(sample_dirs / "ddp" / "manifest.json")
     assert manifest["training"]["processes"] == 2 and manifest["training"]["steps"] == 4
+    # batch_size 16 is examples per step: 8 on each process
+    assert {k: manifest["training"]["batch"][k] for k in ("global_batch", "micro_batch")} == \
+        {"global_batch": 16, "micro_batch": 8}
     assert set(manifest["dev_metrics"]) == {"accuracy", "micro_f1", "macro_f1"}
     encoder = load_encoder(str(tiny_model_dir))
     # dev predictions were split over the 2 processes and gathered: all of dev, in order
