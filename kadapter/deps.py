@@ -488,7 +488,7 @@ def build_deps(config: DepsConfig, seed: int) -> dict[str, Any]:
     sentences_seen: Counter = Counter()  # parsed, and each drop reason
     examples: list[dict[str, Any]] = []  # where the first skipped lines are
     kept = 0
-    with atomic_output_dir(config.output_dir) as tmp, \
+    with atomic_output_dir(config.output_dir, stage="data_deps") as tmp, \
             closing(parsed_lines(files, config)) as lines, \
             tqdm(total=config.max_sentences, unit="sent", desc="parse", disable=None) as progress:
         writers = {split: SplitWriter(tmp / f"{split}.parquet") for split in SPLITS}

@@ -433,7 +433,7 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
                         "metrics.jsonl", "curves.png", "best/model.safetensors"],
         })
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # resumable state, no longer needed
-        replace_dir(staging, final)
+        replace_dir(staging, final, stage="finetune")
         print(f"{task_name} {VARIANTS[variant][1]}: dev {metric} {summary['dev'].get(metric)}, "
               f"test {metric} {summary['test'].get(metric)} -> {final}")
     accelerator.wait_for_everyone()

@@ -358,7 +358,7 @@ def save_adapter(
         "task": task,
     }
     directory = Path(directory)
-    with atomic_output_dir(directory) as tmp:
+    with atomic_output_dir(directory, stage="adapter") as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
         atomic_write_json(tmp / ADAPTER_CONFIG_FILE, config)
     return directory

@@ -64,20 +64,26 @@ What the loop does (one optimizer step = ``grad_accumulation`` micro-batches per
   ``metrics.jsonl`` (``{"kind": "dev", ...}``) and TensorBoard. With ``select_metric``,
   the trainable weights of the best evaluation are kept in ``best/`` and restored at the
   end.
-- Checkpoints every ``save_every`` steps and at the end: ``accelerator.save_state`` (model,
-  optimizer, RNG of every process) plus the scheduler and ``training_state.json`` (step,
-  epoch, batch position inside the epoch, best value, token and time counters), written to
+- Checkpoints every ``save_every`` steps and at the end: model, optimizer, scheduler and
+  the RNG of every process in safetensors and JSON (``kadapter.checkpoint``: no pickle is
+  written or loaded) plus ``training_state.json`` (step, epoch, batch position inside the
+  epoch, best value, token and time counters, the training-relevant config), written to
   ``checkpoints/step-XXXXXXXX`` via a temporary directory and a rename; the newest
   ``keep_checkpoints`` are kept. ``resume=True`` loads the latest one, skips the batches
   already seen, truncates ``metrics.jsonl`` to its step, and continues: the final weights
   equal those of an uninterrupted run with the same seed. Resume with the same number of
-  processes. ``output_dir`` must be on a filesystem that every node sees.
+  processes and the same training config (``resume_config``): a change is refused with the
+  keys that differ unless ``resume_with_changed_config`` is set, and then reported in
+  ``TrainResult.config_changes``. ``output_dir`` must be on a filesystem that every node
+  sees; it is marked as ``stage``'s (``kadapter.io.claim_output_dir``) and refused when it
+  holds anything else.
 - Only the main process prints, writes logs and plots.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -94,7 +100,9 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from kadapter.io import atomic_write_bytes, atomic_write_json, read_json
+from kadapter.checkpoint import load_training_state, save_training_state
+from kadapter.config import ConfigError
+from kadapter.io import atomic_write_bytes, atomic_write_json, claim_output_dir, read_json
 
 MEGABATCH = 50  # batches per length-sorting window: big enough to group, small enough to mix
 CHECKPOINTS = "checkpoints"
@@ -149,6 +157,9 @@ class TrainingConfig:
     bf16: bool = True
     """On CUDA, run the trainable modules under bf16 autocast (fp32 master weights). CPU
     runs always use fp32."""
+    resume_with_changed_config: bool = False
+    """On resume, accept a checkpoint whose training config differs from this one (the
+    changed keys are recorded in the manifest); False = refuse, naming the keys."""
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accumulation": self.grad_accumulation,
@@ -399,6 +410,28 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_stale_run_temporaries(output_dir: str | Path) -> int:
+    """Remove what a killed run leaves in its directory (a half-written checkpoint, best
+    weights or curves); the caller owns the directory. Prints and returns the count."""
+    output_dir = Path(output_dir)
+    stale = [*(output_dir / CHECKPOINTS).glob(".step-*.tmp"),
+             output_dir / BEST_DIR / ".model.safetensors.tmp",
+             output_dir / f".{CURVES_FILE}.tmp.png"]
+    removed = 0
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed += 1
+    if removed:
+        print(f"{output_dir}: removed {removed} stale temporar{'y' if removed == 1 else 'ies'} "
+              "left by a killed run")
+    return removed
+
+
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
@@ -433,6 +466,26 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = ""
     os.replace(tmp, path)
 
 
+RESUME_IGNORED = ("log_every", "save_every", "keep_checkpoints", "eval_batch_size",
+                  "resume_with_changed_config", "output_dir", "data_dir", "cache_dir")
+"""Config keys that do not change the trained weights (paths, logging, checkpointing)."""
+
+
+def resume_config(config: TrainingConfig, seed: int, extra: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """The training-relevant config stored in each checkpoint and compared on resume: the
+    section's fields except RESUME_IGNORED, the seed, and the caller's ``extra``."""
+    plain = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+             if f.name not in RESUME_IGNORED}
+    return orjson.loads(orjson.dumps({**plain, "seed": seed, **(extra or {})}))
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """``{key: {"checkpoint": old, "now": new}}`` for each top-level key that differs."""
+    return {key: {"checkpoint": saved.get(key), "now": current.get(key)}
+            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)}
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -446,6 +499,9 @@ class TrainResult:
     train_seconds: float
     """Wall time of the training steps (evaluation and checkpointing excluded)."""
     resumed_from: int | None
+    config_changes: dict[str, Any] | None = None
+    """Keys of the training config that differ from the resumed checkpoint's (only with
+    resume_with_changed_config); None when nothing changed or nothing was resumed."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -473,6 +529,8 @@ def train(
     resume: bool = False,
     accelerator: Any = None,
     description: str = "train",
+    stage: str = "train",
+    run_config: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data``; see the module docstring for the contract."""
     from accelerate.utils import set_seed
@@ -518,21 +576,32 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: Accelerate would step a prepared scheduler once per process.
     scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
-    accelerator.register_for_checkpointing(scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    # ---- fresh start or resume
+    # ---- fresh start or resume (in a directory that is this stage's own)
+    if main:
+        claim_output_dir(output_dir, stage)
+        remove_stale_run_temporaries(output_dir)
+    accelerator.wait_for_everyone()
+    current_config = resume_config(config, seed, run_config)
+    config_changes = None
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0,
                              "train_seconds": 0.0, "best": None, "best_step": None,
-                             "best_metrics": None, "last_metrics": None, "processes": world}
+                             "best_metrics": None, "last_metrics": None, "processes": world,
+                             "config": current_config}
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if checkpoint is not None:
         saved = read_json(checkpoint / STATE_FILE)
         if saved["processes"] != world:  # the data position is per process
             raise ValueError(f"{checkpoint} was written by {saved['processes']} process(es); "
                              f"resume it with the same number, not {world}")
-        accelerator.load_state(str(checkpoint))
-        state = saved
+        config_changes = config_differences(saved.get("config") or {}, current_config) or None
+        if config_changes and not config.resume_with_changed_config:
+            raise ConfigError(f"{checkpoint} was trained with another config (differs in "
+                              f"{', '.join(config_changes)}); resume with the same settings, "
+                              "or set resume_with_changed_config true to continue anyway")
+        load_training_state(checkpoint, accelerator, model, optimizer, scheduler)
+        state = {**saved, "config": current_config}
         if main:
             print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})")
     elif main:
@@ -593,7 +662,7 @@ def train(
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(final, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        save_training_state(tmp, accelerator, model, optimizer, scheduler)
         accelerator.wait_for_everyone()
         if main:
             atomic_write_json(tmp / STATE_FILE, state)
@@ -713,4 +782,4 @@ def train(
     accelerator.wait_for_everyone()
     plain.eval()
     return TrainResult(plain, state["step"], dev_metrics, state["best_step"],
-                       state["tokens"], state["train_seconds"], resumed_from)
+                       state["tokens"], state["train_seconds"], resumed_from, config_changes)

@@ -369,7 +369,7 @@ def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
     paths = expand_inputs(config.input, suffixes=(".json",))
     exclude = frozenset(config.exclude_relations)
     started = time.perf_counter()
-    with atomic_output_dir(output_dir) as out:
+    with atomic_output_dir(output_dir, stage="data_trex") as out:
         spill_dir = out / ".spill"
         spill_dir.mkdir()
         spills = [str(spill_dir / f"{i:06d}.parquet") for i in range(len(paths))]

@@ -168,7 +168,7 @@ def main(config: Config) -> dict[str, Any]:
               f"dropped {facts_summary[subset]['dropped_by_reason']}")
     clock = lap("build_queries", clock)
 
-    with atomic_output_dir(cfg.output_dir) as out:
+    with atomic_output_dir(cfg.output_dir, stage="eval_lama") as out:
         # ---- 4. K-Adapter variants: train the MLM mix (encoder, adapters, LM head frozen)
         mixes = lama.VariantMixes(cfg.variants, hidden).to(device)
         head_cfg = cfg.mlm_head
