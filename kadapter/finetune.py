@@ -392,6 +392,9 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
         resume=config.finetune.resume,
         accelerator=accelerator,
         description=f"{task_name} {VARIANTS[variant][1]}",
+        stage="finetune",
+        run_config={"model": config.model.name_or_path, "combine": config.finetune.combine,
+                    "adapters": adapter_fingerprints(config, variant)},
     )
 
     # ---- the selected weights predict dev and test once; metrics come from the files
@@ -426,7 +429,8 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
                          "tokens": result.tokens, "train_seconds": round(result.train_seconds, 3),
                          "tokens_per_s": round(result.tokens_per_s, 1),
                          "wall_seconds": round(time.time() - started, 3),
-                         "resumed_from": result.resumed_from},
+                         "resumed_from": result.resumed_from,
+                         "resumed_config_changes": result.config_changes},
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "versions": versions(),
             "outputs": ["predictions.jsonl", "dev_predictions.jsonl", "metrics.json",

@@ -157,7 +157,8 @@ def test_stage_writes_splits_and_manifest(tmp_path):
     manifest = build_deps(config, seed=7)
     out = tmp_path / "out"
     rows = {split: read_split(out, split) for split in deps.SPLITS}
-    assert sorted(p.name for p in out.iterdir()) == ["dev.parquet", "manifest.json", "train.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [".kadapter-output.json", "dev.parquet", "manifest.json",
+                                                    "train.parquet"]
     assert pq.read_schema(out / "train.parquet") == deps.SCHEMA
 
     counts = manifest["counts"]
