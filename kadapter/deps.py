@@ -148,7 +148,9 @@ def read_lines(path: Path, file_index: int, max_line_chars: int) -> Iterator[Lin
     """Yield every line of a UTF-8 text file, blank and bad ones marked with a skip reason.
 
     Reads in binary with a bounded ``readline`` so an absurdly long line never sits in
-    memory whole; a line that is not valid UTF-8 is skipped (``undecodable``), not fatal.
+    memory whole; a line that is not valid UTF-8 is skipped (``undecodable``), not fatal,
+    and so is a line holding a NUL byte (``binary``: the up-front sniff reads only the
+    file's start, so binary junk further on is caught line by line).
     """
     limit = 4 * max_line_chars + 2  # UTF-8 needs at most 4 bytes a character, plus \r\n
     with open(path, "rb") as handle:
@@ -159,6 +161,9 @@ def read_lines(path: Path, file_index: int, max_line_chars: int) -> Iterator[Lin
                 while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
                     pass  # skip the remainder of the long line
                 yield Line(file_index, number, "", "too_long")
+                continue
+            if b"\0" in raw:
+                yield Line(file_index, number, "", "binary")
                 continue
             try:
                 text = raw.decode("utf-8")

@@ -243,6 +243,7 @@ def test_bad_input_fails_cleanly_and_keeps_old_output(tmp_path, files, error, ma
     for name, content in files.items():
         write(tmp_path / "books" / name, content)
     previous = write(tmp_path / "out/train.parquet", b"previous run")
+    write(tmp_path / "out/.kadapter-output.json", b'{"stage": "data_deps"}')  # the stage's own
     with pytest.raises(error, match=match):
         build_deps(config_for(tmp_path), seed=1)
     assert previous.read_bytes() == b"previous run"
