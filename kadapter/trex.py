@@ -478,7 +478,6 @@ def _repeated_docids(paths: list[Path], docids: list[tuple[np.ndarray, np.ndarra
 def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
                   progress: bool = False) -> dict[str, Any]:
     """Run the whole stage; returns the manifest (also written to ``output_dir``)."""
-    from tqdm import tqdm
 
     paths = expand_inputs(config.input, suffixes=(".json",))
     exclude = frozenset(config.exclude_relations)
