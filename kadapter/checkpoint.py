@@ -92,11 +92,14 @@ def load_training_state(directory: str | Path, accelerator: Any, model: torch.nn
 
 def _guarded(path: Path, action):
     """``action(path)``; a missing file or one that does not fit is an InputError naming it."""
+    from safetensors import SafetensorError
+
     if not path.is_file():
         raise InputError(path, None, "missing from the checkpoint (incomplete or not kadapter's)")
     try:
         return action(path)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError,
+            IndexError) as err:
         problem = " ".join(str(err).split())[:300]
         raise InputError(path, None, f"does not fit this run: {type(err).__name__}: {problem}") from None
 

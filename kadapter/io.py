@@ -169,6 +169,7 @@ def replace_dir(source: str | Path, final: str | Path, *, stage: str) -> None:
     first and removed only after the swap). ``final`` must be new, empty or ``stage``'s."""
     final = Path(final)
     check_output_dir(final, stage)
+    remove_stale_temporaries(final.parent, final.name)
     mark_output_dir(source, stage)
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -75,6 +75,7 @@ from kadapter.io import (
     file_fingerprint,
     fingerprint_of,
     read_json,
+    remove_stale_temporaries,
     replace_dir,
     versions,
 )
@@ -279,6 +280,8 @@ def load_features(task: str, data_dir: Path, cache_dir: Path, tokenizer, max_len
                                                       "inputs": inputs})
 
     with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
+        if accelerator is None or accelerator.is_main_process:
+            remove_stale_temporaries(cache.parent, cache.name)
         if not (cache / "features.json").is_file():
             build()
     return {"train": FeatureTable.read_parquet(cache / "train.parquet"),
@@ -483,6 +486,7 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
     staging = output_dir.with_name(f".{output_dir.name}.partial")
     if main:
         check_output_dir(output_dir, "pretrain")
+        remove_stale_temporaries(output_dir.parent, output_dir.name)
         if not resume:
             shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
