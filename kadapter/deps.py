@@ -148,7 +148,9 @@ def read_lines(path: Path, file_index: int, max_line_chars: int) -> Iterator[Lin
     """Yield every line of a UTF-8 text file, blank and bad ones marked with a skip reason.
 
     Reads in binary with a bounded ``readline`` so an absurdly long line never sits in
-    memory whole; a line that is not valid UTF-8 is skipped (``undecodable``), not fatal.
+    memory whole; a line that is not valid UTF-8 is skipped (``undecodable``), not fatal,
+    and so is a line holding a NUL byte (``binary``: the up-front sniff reads only the
+    file's start, so binary junk further on is caught line by line).
     """
     limit = 4 * max_line_chars + 2  # UTF-8 needs at most 4 bytes a character, plus \r\n
     with open(path, "rb") as handle:
@@ -159,6 +161,9 @@ def read_lines(path: Path, file_index: int, max_line_chars: int) -> Iterator[Lin
                 while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
                     pass  # skip the remainder of the long line
                 yield Line(file_index, number, "", "too_long")
+                continue
+            if b"\0" in raw:
+                yield Line(file_index, number, "", "binary")
                 continue
             try:
                 text = raw.decode("utf-8")
@@ -488,7 +493,7 @@ def build_deps(config: DepsConfig, seed: int) -> dict[str, Any]:
     sentences_seen: Counter = Counter()  # parsed, and each drop reason
     examples: list[dict[str, Any]] = []  # where the first skipped lines are
     kept = 0
-    with atomic_output_dir(config.output_dir) as tmp, \
+    with atomic_output_dir(config.output_dir, stage="data_deps") as tmp, \
             closing(parsed_lines(files, config)) as lines, \
             tqdm(total=config.max_sentences, unit="sent", desc="parse", disable=None) as progress:
         writers = {split: SplitWriter(tmp / f"{split}.parquet") for split in SPLITS}

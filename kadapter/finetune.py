@@ -73,9 +73,12 @@ class TaskConfig(TrainingConfig):
     """Mention pooling: mean over the mention's sub-words (entity, as in pretraining) or
     the opening marker's state (marker, the original code)."""
     labels: list[str] | None = None
-    """Label set (types / relations); None = the task's standard set (OpenEntity's 9
-    types, TACRED's 42 relations) or, for FIGER, every type seen in its three files.
-    A label outside the set is an input error."""
+    """Label set (types / relations); None = labels_file, else the task's standard set
+    (OpenEntity's 9 types, TACRED's 42 relations). FIGER has no standard set here: give
+    labels or labels_file. A label outside the set is an input error."""
+    labels_file: str | None = None
+    """A file holding the label set, one label per line (blank lines ignored), used when
+    labels is None: e.g. FIGER's 113 types."""
     max_train_negatives: int | None = None
     """TACRED only: keep the first N no_relation training examples (the original's
     --negative_sample); None = keep all."""
@@ -258,9 +261,32 @@ class Splits:
     counts: dict[str, dict[str, int]]
 
 
+def configured_labels(task: Task, settings: TaskConfig) -> list[str] | None:
+    """The label vocabulary every example is checked against: ``labels``, else the lines of
+    ``labels_file``, else the task's standard set. FIGER has none built in (types are
+    not whatever the files happen to contain): a ConfigError without either setting."""
+    if settings.labels is not None:
+        return settings.labels
+    if settings.labels_file is not None:
+        path = Path(settings.labels_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"finetune.{task.name}.labels_file {path}: cannot read: {err}") from None
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
+        if not labels or len(set(labels)) != len(labels):
+            raise ConfigError(f"finetune.{task.name}.labels_file {path}: expected distinct labels, "
+                              "one per line")
+        return labels
+    if task.default_labels is None and task.name == "figer":
+        raise ConfigError("finetune.figer needs its type vocabulary: set labels or labels_file "
+                          "(the release's 113 types), so that an unknown type is caught")
+    return task.default_labels
+
+
 def prepare_data(task: Task, settings: TaskConfig, files: dict[str, Path], tokenizer) -> Splits:
     """Read the three files, fix the label set, encode; count what is dropped or cut."""
-    configured = settings.labels if settings.labels is not None else task.default_labels
+    configured = configured_labels(task, settings)
     examples = {split: task.reader(path, configured) for split, path in files.items()}
     labels = task.label_space([e for split in examples.values() for e in split], configured)
     counts: dict[str, dict[str, int]] = {}
@@ -313,7 +339,7 @@ def majority_baseline(task: Task, settings: TaskConfig, files: dict[str, Path], 
     must clear."""
     from collections import Counter
 
-    configured = settings.labels if settings.labels is not None else task.default_labels
+    configured = configured_labels(task, settings)
     train = task.reader(files["train"], configured)
     target = task.reader(files[split], configured)
     if task.kind == "choice":
@@ -406,6 +432,9 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
         accelerator=accelerator,
         description=f"{task_name} {VARIANTS[variant][1]}",
         batch_key=batch_key,
+        stage="finetune",
+        run_config={"model": config.model.name_or_path, "combine": config.finetune.combine,
+                    "adapters": adapter_fingerprints(config, variant)},
     )
 
     # ---- the selected weights predict dev and test once; metrics come from the files
@@ -443,14 +472,15 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
                          "wall_seconds": round(time.time() - started, 3),
                          "resumed_from": result.resumed_from,
                          "batch": {**result.batch.to_dict(),
-                                   "examples_left_per_epoch": result.examples_left_per_epoch}},
+                                   "examples_left_per_epoch": result.examples_left_per_epoch},
+                         "resumed_config_changes": result.config_changes},
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "versions": versions(),
             "outputs": ["predictions.jsonl", "dev_predictions.jsonl", "metrics.json",
                         "metrics.jsonl", "curves.png", "best/model.safetensors"],
         })
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # resumable state, no longer needed
-        replace_dir(staging, final)
+        replace_dir(staging, final, stage="finetune")
         print(f"{task_name} {VARIANTS[variant][1]}: dev {metric} {summary['dev'].get(metric)}, "
               f"test {metric} {summary['test'].get(metric)} -> {final}")
     accelerator.wait_for_everyone()

@@ -21,11 +21,13 @@ written out with its reason):
    the space is read off the tokenizer (``space_prefixed``): byte-level BPE (RoBERTa)
    turns " Paris" into the single token "ĠParis", WordPiece (BERT) drops the space.
 3. ``object_not_in_common_vocab``: the object must be a word of the common vocabulary.
-4. ``query_too_long``: the query must fit the model's maximum length.
-5. ``uhn_object_in_subject`` (UHN subsets): LAMA-UHN's first filter drops facts whose
+4. ``extra_mask_token``: the query must hold exactly one mask token (a subject label that
+   contains the tokenizer's mask token would make a query with two).
+5. ``query_too_long``: the query must fit the model's maximum length.
+6. ``uhn_object_in_subject`` (UHN subsets): LAMA-UHN's first filter drops facts whose
    lowercased object is a substring of the lowercased subject label ("Mexico City" ->
    "Mexico").
-6. ``uhn_person_name`` (UHN subsets, only when ``bert_model`` is set): LAMA-UHN's second
+7. ``uhn_person_name`` (UHN subsets, only when ``bert_model`` is set): LAMA-UHN's second
    filter asks BERT "[name] is a common name in the following city/country/language :
    [MASK] ." for every word of a person's name, and drops the fact when the object is
    among BERT's top 3 (relations P19, P20, P27, P103, P1412 and Google-RE's birth and
@@ -81,6 +83,7 @@ DROP_REASONS = (
     "judgments_not_majority_yes",
     "object_not_single_token",
     "object_not_in_common_vocab",
+    "extra_mask_token",
     "query_too_long",
     "uhn_object_in_subject",
     "uhn_person_name",
@@ -246,7 +249,8 @@ def read_trex(lama_dir: str | Path) -> tuple[list[Relation], list[str]]:
     """T-REx relations that have a facts file (sorted by id), and the template-only ones.
 
     A facts file whose relation has no template is an error; relations.jsonl listing more
-    relations than there are files is normal (LAMA's does).
+    relations than there are files is normal (LAMA's does). An empty facts file gives a
+    relation with no facts (``empty_relations`` reports them; they are not probed).
     """
     lama_dir = Path(lama_dir)
     templates = read_templates(lama_dir / "relations.jsonl")
@@ -262,6 +266,11 @@ def read_trex(lama_dir: str | Path) -> tuple[list[Relation], list[str]]:
         relations.append(Relation(name, templates[name], facts))
     with_files = {r.name for r in relations}
     return relations, sorted(set(templates) - with_files)
+
+
+def empty_relations(relations: list[Relation]) -> list[str]:
+    """Names of the relations whose facts file holds no fact."""
+    return sorted(r.name for r in relations if not r.facts)
 
 
 def read_google_re(lama_dir: str | Path) -> list[Relation]:
@@ -281,7 +290,14 @@ def read_common_vocab(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: common vocabulary file not found (set --common_vocab)")
-    words = dict.fromkeys(w.strip() for w in path.read_text(encoding="utf-8").splitlines())
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InputError(path, f"line {line}", f"not UTF-8 (byte offset {err.start}: "
+                         f"{raw[err.start:err.start + 1]!r})") from None
+    words = dict.fromkeys(w.strip() for w in text.splitlines())
     words.pop("", None)
     if not words:
         raise InputError(path, None, "the common vocabulary is empty")
@@ -450,7 +466,9 @@ def select_queries(subset: str, relations: list[Relation], tokens: ProbeTokens,
             reason = "object_not_in_common_vocab"
         else:
             query = tokens.query(templates[fact.relation], fact.sub_label)
-            if len(query[1]) > max_length:
+            if query[1].count(tokens.mask_id) != 1:
+                reason = "extra_mask_token"
+            elif len(query[1]) > max_length:
                 reason = "query_too_long"
             elif uhn and object_in_subject(fact):
                 reason = "uhn_object_in_subject"
@@ -725,6 +743,10 @@ def results_markdown(results: dict[str, Any]) -> str:
         counts = facts[subset]["dropped_by_reason"]
         lines.append(f"| {SUBSET_TITLES[subset]} | "
                      + " | ".join(str(counts.get(r, 0)) for r in DROP_REASONS) + " |")
+    empty = {s: facts[s].get("relations_with_empty_facts_file") for s in subsets}
+    if any(empty.values()):
+        lines += ["", "Not probed, their facts file is empty: " + "; ".join(
+            f"{SUBSET_TITLES[s]} {', '.join(names)}" for s, names in empty.items() if names) + "."]
     lines += ["", f"LAMA-UHN person-name filter: {results['person_name_filter']}.", "",
               "For comparison, the paper's P@1 (RoBERTa-large -> K-Adapter): Google-RE 4.8 -> 7.0, "
               "UHN-Google-RE 2.5 -> 3.7, T-REx 27.1 -> 29.1, UHN-T-REx 20.1 -> 23.0.", ""]

@@ -364,7 +364,7 @@ def save_adapter(
         "task": task,
     }
     directory = Path(directory)
-    with atomic_output_dir(directory) as tmp:
+    with atomic_output_dir(directory, stage="adapter") as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
         atomic_write_json(tmp / ADAPTER_CONFIG_FILE, config)
     return directory
@@ -391,12 +391,21 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def _config_section(config: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    value = config.get(key)
+    if not isinstance(value, dict):
+        problem = "missing" if value is None else f"not an object ({type(value).__name__})"
+        raise AdapterLoadError(f"{path}: key {key!r} {problem}")
+    return value
+
+
 def load_adapter(directory: str | Path, encoder_config: Any) -> LoadedAdapter:
     """Load an adapter directory for an encoder with ``encoder_config``; fail clearly on
     a missing or corrupt file or on an encoder of another shape."""
     directory = Path(directory)
     config = read_adapter_config(directory)
-    expected = config["encoder"]
+    config_path = directory / ADAPTER_CONFIG_FILE
+    expected = _config_section(config, "encoder", config_path)
     actual = {"hidden_size": encoder_config.hidden_size,
               "num_hidden_layers": encoder_config.num_hidden_layers}
     mismatched = {k: (expected.get(k), v) for k, v in actual.items() if expected.get(k) != v}
@@ -409,9 +418,16 @@ def load_adapter(directory: str | Path, encoder_config: Any) -> LoadedAdapter:
         )
     from kadapter.config import build  # local: config imports this module's dataclasses
 
-    adapter_config = build(AdapterConfig, config["adapter"], f"{directory / ADAPTER_CONFIG_FILE}:adapter")
-    adapter = KnowledgeAdapter(adapter_config, encoder_config.hidden_size,
-                               encoder_config.num_hidden_layers)
+    try:
+        adapter_config = build(AdapterConfig, _config_section(config, "adapter", config_path),
+                               f"{config_path}:adapter")
+        adapter = KnowledgeAdapter(adapter_config, encoder_config.hidden_size,
+                                   encoder_config.num_hidden_layers)
+    except (ValueError, TypeError) as err:  # ConfigError is a ValueError
+        if isinstance(err, AdapterLoadError):
+            raise
+        problem = str(err).removeprefix(f"{config_path}:adapter").lstrip(":. ")
+        raise AdapterLoadError(f"{config_path}: key 'adapter': {problem}") from None
     weights_path = directory / ADAPTER_WEIGHTS_FILE
     if not weights_path.is_file():
         raise AdapterLoadError(f"{directory}: {ADAPTER_WEIGHTS_FILE} missing")

@@ -18,7 +18,9 @@ Both tasks share one path (``run_pretraining``):
 4. outputs in ``output_dir``: ``adapter_config.json`` + ``adapter.safetensors`` (the
    adapter and the head, loadable with ``kadapter.modeling.load_adapter``; the head is
    rebuilt with ``build_head``), ``metrics.jsonl``, ``tensorboard/``, ``curves.png``,
-   ``checkpoints/`` and ``manifest.json``.
+   ``checkpoints/`` and ``manifest.json``. The run trains in the hidden sibling
+   ``.<output_dir name>.partial`` (where ``--resume`` continues) and replaces
+   ``output_dir`` whole only when complete: a killed run never loses the previous adapter.
 
 Factual task (``fac``), T-REx-rc rows ``sentence, subj_start, subj_end, obj_start,
 obj_end, relation, label``: ``@`` is inserted around the subject and ``#`` around the
@@ -50,6 +52,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -63,14 +66,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kadapter.config import Config, ConfigError
+from kadapter.config import Config, ConfigError, to_plain
 from kadapter.io import (
     InputError,
     atomic_output_dir,
     atomic_write_json,
+    check_output_dir,
     file_fingerprint,
     fingerprint_of,
     read_json,
+    remove_stale_temporaries,
+    replace_dir,
     versions,
 )
 from kadapter.modeling import (
@@ -269,7 +275,7 @@ def load_features(task: str, data_dir: Path, cache_dir: Path, tokenizer, max_len
         raise InputError(data_dir / "relations.json", None, "expected a JSON list of P-ids")
 
     def build() -> None:
-        with atomic_output_dir(cache) as tmp:
+        with atomic_output_dir(cache, stage="features") as tmp:
             counts = {}
             for split in ("train", "dev"):
                 path = data_dir / f"{split}.parquet"
@@ -282,6 +288,8 @@ def load_features(task: str, data_dir: Path, cache_dir: Path, tokenizer, max_len
                                                       "inputs": inputs})
 
     with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
+        if accelerator is None or accelerator.is_main_process:
+            remove_stale_temporaries(cache.parent, cache.name)
         if not (cache / "features.json").is_file():
             build()
     return {"train": FeatureTable.read_parquet(cache / "train.parquet"),
@@ -483,10 +491,15 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
     settings = head_settings(task, section, hidden, labels)
     model = PretrainModel(KnowledgeAdapter(config.adapter, hidden, layers), build_head(settings))
 
-    # ---- a fresh run must not leave a previous run's adapter looking current
-    if main and not resume:
-        for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, "manifest.json"):
-            (output_dir / name).unlink(missing_ok=True)
+    # ---- train in a hidden sibling: the previous complete adapter stays in output_dir
+    # until the new one is complete (then the sibling replaces it whole)
+    staging = output_dir.with_name(f".{output_dir.name}.partial")
+    if main:
+        check_output_dir(output_dir, "pretrain")
+        remove_stale_temporaries(output_dir.parent, output_dir.name)
+        if not resume:
+            shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
     pad_values, loss_fn, predict_fn, metrics_fn = task_functions(task)
     pad_values["input_ids"] = tokenizer.pad_token_id
     multiple = 8 if accelerator.device.type == "cuda" else None
@@ -495,9 +508,11 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
         collate=PadCollator(pad_values, pad_to_multiple_of=multiple),
         loss_fn=loss_fn, predict_fn=predict_fn, metrics_fn=metrics_fn,
         frozen=encoder, frozen_dtype=dtype,
-        frozen_forward=encode_hidden_states, output_dir=output_dir, seed=config.seed,
+        frozen_forward=encode_hidden_states, output_dir=staging, seed=config.seed,
         resume=resume, accelerator=accelerator, description=f"pretrain {task}",
-        batch_key=batch_key)
+        batch_key=batch_key,
+        stage="pretrain", run_config={"model": config.model.name_or_path,
+                                      "adapter": to_plain(config.adapter)})
 
     # ---- outputs: the adapter (+ head) and the manifest, written by the main process
     baseline = None
@@ -518,7 +533,8 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
                      "device": str(accelerator.device),
                      "mixed_precision": accelerator.mixed_precision,
                      "precision": precision_of(section).to_dict(), "encoder_dtype": str(dtype),
-                     "resumed_from": result.resumed_from, "best_step": result.best_step},
+                     "resumed_from": result.resumed_from, "best_step": result.best_step,
+                     "resumed_config_changes": result.config_changes},
         "dev_metrics": result.dev_metrics,
         "majority_baseline": baseline,
         "versions": versions(),
@@ -526,15 +542,15 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
     if main:
         task_info = {"name": task, "labels": labels, "max_length": section.max_length,
                      "head": settings, "combiner": "concat", "dev_metrics": result.dev_metrics}
-        adapter_tmp = output_dir / ".adapter.tmp"
+        adapter_tmp = staging / ".adapter"
         save_adapter(adapter_tmp, result.model.adapter, base_model=config.model.name_or_path,
                      encoder_config=encoder.config, task=task_info,
                      head_state=result.model.head.state_dict())
-        atomic_write_json(output_dir / "manifest.json", manifest)
-        # weights first, config last: adapter_config.json marks a finished adapter
         for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE):
-            os.replace(adapter_tmp / name, output_dir / name)
-        adapter_tmp.rmdir()
+            os.replace(adapter_tmp / name, staging / name)
+        shutil.rmtree(adapter_tmp)
+        atomic_write_json(staging / "manifest.json", manifest)
+        replace_dir(staging, output_dir, stage="pretrain")
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in (result.dev_metrics or {}).items())
         line = f"{task} adapter -> {output_dir}: dev {metrics}"
         if baseline is not None:

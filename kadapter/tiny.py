@@ -23,7 +23,13 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from kadapter.io import atomic_output_dir, atomic_write_json, fingerprint_of, read_json
+from kadapter.io import (
+    atomic_output_dir,
+    atomic_write_json,
+    fingerprint_of,
+    mark_output_dir,
+    read_json,
+)
 
 TINY_SPEC = {
     "vocab_size": 6000,
@@ -80,7 +86,9 @@ def ensure_tiny_model(out_dir: str | Path = "data/models/tiny-roberta",
         return out_dir
     with _lock(out_dir.parent / f".{out_dir.name}.lock"):
         if not _is_current(out_dir, stamp):  # another process may have built it meanwhile
-            with atomic_output_dir(out_dir) as tmp:
+            if (out_dir / STAMP_FILE).is_file():  # built before outputs were marked
+                mark_output_dir(out_dir, "tiny_model")
+            with atomic_output_dir(out_dir, stage="tiny_model") as tmp:
                 build_tiny_model(tmp, files)
                 atomic_write_json(tmp / STAMP_FILE, stamp)
     return out_dir

@@ -78,23 +78,29 @@ each process; ``batch_plan`` derives them, and refuses a batch that does not div
   ``metrics.jsonl`` (``{"kind": "dev", "dev_examples": n, ...}``) and TensorBoard. With
   ``eval_subset`` the periodic ones score a fixed seeded sample of dev and the last one
   all of dev (selection then compares sample scores, the last step's taken from its
-  sample rows). With ``select_metric``, the weights of the best evaluation are kept in
-  ``best/`` and restored at the end.
-- Checkpoints every ``save_every`` steps and at the end: ``accelerator.save_state`` (the
-  trainable parameters only, not frozen modules inside ``model``; optimizer; RNG of every
-  process) plus the scheduler and ``training_state.json`` (step,
-  epoch, step position inside the epoch, best value, token and time counters), written to
+  sample rows). With ``select_metric``, the trainable weights of the best evaluation are
+  kept in ``best/`` and restored at the end.
+- Checkpoints every ``save_every`` steps and at the end: the trainable parameters only
+  (not frozen modules inside ``model``), optimizer, scheduler and the RNG of every process
+  in safetensors and JSON (``kadapter.checkpoint``: no pickle is written or loaded) plus
+  ``training_state.json`` (step, epoch, step position inside the epoch, best value, token
+  and time counters, the training-relevant config), written to
   ``checkpoints/step-XXXXXXXX`` via a temporary directory and a rename; the newest
   ``keep_checkpoints`` are kept. ``resume=True`` loads the latest one, skips the batches
   already seen, truncates ``metrics.jsonl`` to its step, and continues: the final weights
   equal those of an uninterrupted run with the same seed. Resume with the same number of
-  processes. ``output_dir`` must be on a filesystem that every node sees.
+  processes and the same training config (``resume_config``): a change is refused with the
+  keys that differ unless ``resume_with_changed_config`` is set, and then reported in
+  ``TrainResult.config_changes``. ``output_dir`` must be on a filesystem that every node
+  sees; it is marked as ``stage``'s (``kadapter.io.claim_output_dir``) and refused when it
+  holds anything else.
 - Only the main process prints, writes logs and plots.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import shutil
@@ -112,8 +118,9 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from kadapter.checkpoint import load_training_state, save_training_state
 from kadapter.config import ConfigError
-from kadapter.io import atomic_write_bytes, atomic_write_json, read_json
+from kadapter.io import atomic_write_bytes, atomic_write_json, claim_output_dir, read_json
 from kadapter.precision import Precision, check_bf16, precision_for
 
 MEGABATCH = 50  # batches per length-sorting window: big enough to group, small enough to mix
@@ -184,6 +191,9 @@ class TrainingConfig:
     setting (ACCELERATE_MIXED_PRECISION=bf16|fp16, from accelerate config / launch) when it
     names one, else bf16 on a CUDA GPU with bf16, loss-scaled fp16 on an older GPU, none
     on CPU (kadapter/precision.py)."""
+    resume_with_changed_config: bool = False
+    """On resume, accept a checkpoint whose training config differs from this one (the
+    changed keys are recorded in the manifest); False = refuse, naming the keys."""
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accumulation": self.grad_accumulation,
@@ -578,36 +588,6 @@ def precision_of(config: TrainingConfig) -> Precision:
     return precision_for(config.bf16)
 
 
-def trainable_checkpoints(accelerator: Any, model: nn.Module) -> list[Any]:
-    """Make ``accelerator.save_state`` write only the trainable parameters of the prepared
-    ``model`` (frozen modules inside it, e.g. fine-tuning's adapters, are loaded from their
-    own files at every start), and ``load_state`` check that a checkpoint holds exactly
-    those. Returns the hook handles (``.remove()`` them when done)."""
-    from safetensors import safe_open
-
-    plain = accelerator.unwrap_model(model)  # what Accelerate lists and saves (not the DDP wrapper)
-    names = {name for name, param in plain.named_parameters() if param.requires_grad}
-
-    def position(models: list[nn.Module]) -> int:
-        return next(i for i, candidate in enumerate(models) if candidate in (plain, model))
-
-    def keep_trainable(models: list[nn.Module], weights: list[dict[str, Any]], _: str) -> None:
-        i = position(models)
-        weights[i] = {k: v for k, v in weights[i].items() if k in names}
-
-    def check_trainable(models: list[nn.Module], input_dir: str) -> None:
-        i = position(models)
-        path = Path(input_dir) / (f"model_{i}.safetensors" if i else "model.safetensors")
-        with safe_open(str(path), framework="pt") as handle:
-            saved = set(handle.keys())
-        if saved != names:
-            raise ValueError(f"{path}: holds {len(saved)} tensors, not the {len(names)} trainable "
-                             f"weights of this model (e.g. {sorted(saved ^ names)[:3]})")
-
-    return [accelerator.register_save_state_pre_hook(keep_trainable),
-            accelerator.register_load_state_pre_hook(check_trainable)]
-
-
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on weight matrices, none on biases and LayerNorm weights."""
     decay, no_decay = [], []
@@ -633,6 +613,28 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = Path(output_dir) / CHECKPOINTS
     found = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
     return found[-1] if found else None
+
+
+def remove_stale_run_temporaries(output_dir: str | Path) -> int:
+    """Remove what a killed run leaves in its directory (a half-written checkpoint, best
+    weights or curves); the caller owns the directory. Prints and returns the count."""
+    output_dir = Path(output_dir)
+    stale = [*(output_dir / CHECKPOINTS).glob(".step-*.tmp"),
+             output_dir / BEST_DIR / ".model.safetensors.tmp",
+             output_dir / f".{CURVES_FILE}.tmp.png"]
+    removed = 0
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed += 1
+    if removed:
+        print(f"{output_dir}: removed {removed} stale temporar{'y' if removed == 1 else 'ies'} "
+              "left by a killed run")
+    return removed
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
@@ -669,6 +671,26 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = ""
     os.replace(tmp, path)
 
 
+RESUME_IGNORED = ("log_every", "save_every", "keep_checkpoints", "eval_batch_size",
+                  "resume_with_changed_config", "output_dir", "data_dir", "cache_dir")
+"""Config keys that do not change the trained weights (paths, logging, checkpointing)."""
+
+
+def resume_config(config: TrainingConfig, seed: int, extra: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """The training-relevant config stored in each checkpoint and compared on resume: the
+    section's fields except RESUME_IGNORED, the seed, and the caller's ``extra``."""
+    plain = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+             if f.name not in RESUME_IGNORED}
+    return orjson.loads(orjson.dumps({**plain, "seed": seed, **(extra or {})}))
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """``{key: {"checkpoint": old, "now": new}}`` for each top-level key that differs."""
+    return {key: {"checkpoint": saved.get(key), "now": current.get(key)}
+            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)}
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -687,6 +709,9 @@ class TrainResult:
     """Global batch, micro-batch, processes and accumulation of the run."""
     examples_left_per_epoch: int
     """Training examples of each epoch that fill no whole step (a different few each epoch)."""
+    config_changes: dict[str, Any] | None = None
+    """Keys of the training config that differ from the resumed checkpoint's (only with
+    resume_with_changed_config); None when nothing changed or nothing was resumed."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -715,6 +740,8 @@ def train(
     accelerator: Any = None,
     description: str = "train",
     batch_key: str = "batch_size",
+    stage: str = "train",
+    run_config: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data``; see the module docstring for the contract.
     ``batch_key`` names ``config.batch_size`` in errors (e.g. ``pretrain_fac.batch_size``)."""
@@ -760,22 +787,32 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: Accelerate would step a prepared scheduler once per process.
     scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
-    accelerator.register_for_checkpointing(scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    checkpoint_hooks = trainable_checkpoints(accelerator, model)
 
-    # ---- fresh start or resume
+    # ---- fresh start or resume (in a directory that is this stage's own)
+    if main:
+        claim_output_dir(output_dir, stage)
+        remove_stale_run_temporaries(output_dir)
+    accelerator.wait_for_everyone()
+    current_config = resume_config(config, seed, run_config)
+    config_changes = None
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0,
                              "train_seconds": 0.0, "best": None, "best_step": None,
-                             "best_metrics": None, "last_metrics": None, "processes": world}
+                             "best_metrics": None, "last_metrics": None, "processes": world,
+                             "config": current_config}
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if checkpoint is not None:
         saved = read_json(checkpoint / STATE_FILE)
         if saved["processes"] != world:  # dropout RNG states are per process
             raise ValueError(f"{checkpoint} was written by {saved['processes']} process(es); "
                              f"resume it with the same number, not {world}")
-        accelerator.load_state(str(checkpoint), strict=False)  # trainable weights, checked by the hook
-        state = saved
+        config_changes = config_differences(saved.get("config") or {}, current_config) or None
+        if config_changes and not config.resume_with_changed_config:
+            raise ConfigError(f"{checkpoint} was trained with another config (differs in "
+                              f"{', '.join(config_changes)}); resume with the same settings, "
+                              "or set resume_with_changed_config true to continue anyway")
+        load_training_state(checkpoint, accelerator, model, optimizer, scheduler)
+        state = {**saved, "config": current_config}
         if main:
             print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})")
     elif main:
@@ -844,7 +881,7 @@ def train(
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(final, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        save_training_state(tmp, accelerator, model, optimizer, scheduler)
         accelerator.wait_for_everyone()
         if main:
             atomic_write_json(tmp / STATE_FILE, state)
@@ -980,9 +1017,7 @@ def train(
         writer.close()
         plot_curves(read_metrics(output_dir), output_dir / CURVES_FILE, description)
     accelerator.wait_for_everyone()
-    for handle in checkpoint_hooks:
-        handle.remove()
     plain.eval()
     return TrainResult(plain, state["step"], dev_metrics, state["best_step"],
                        state["tokens"], state["train_seconds"], resumed_from, plan,
-                       len(train_data) - steps_per_epoch * plan.global_batch)
+                       len(train_data) - steps_per_epoch * plan.global_batch, config_changes)

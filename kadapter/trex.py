@@ -32,6 +32,7 @@ reasons + candidates; candidates = dropped by each filter + examples.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import re
 import shutil
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -63,6 +65,7 @@ WIKIDATA_PROPERTY = "http://www.wikidata.org/prop/direct/"
 # Reasons a triple is not a candidate, in the order they are checked.
 DROP_REASONS = (
     "missing_boundaries",  # subject or object has no character span (null boundaries)
+    "literal_argument",  # subject or object is a value (a date: "...^^xsd:dateTime"), not an entity
     "outside_sentence",  # a span is not inside the triple's sentence
     "overlapping_spans",
     "same_entity",
@@ -70,8 +73,9 @@ DROP_REASONS = (
     "duplicate",  # same document, sentence, spans, entities and predicate as a kept one
 )
 # Bad records (with on_error: skip they are counted under these reasons).
-BAD_TRIPLE_REASONS = ("malformed_triple", "bad_sentence_id", "boundaries_outside_text")
-BAD_DOCUMENT_REASONS = ("malformed_document", "bad_sentence_boundaries")
+BAD_TRIPLE_REASONS = ("malformed_triple", "bad_sentence_id", "boundaries_outside_text",
+                      "surfaceform_mismatch", "not_an_entity")
+BAD_DOCUMENT_REASONS = ("malformed_document", "bad_sentence_boundaries", "duplicate_docid")
 IN_SKIPPED_DOCUMENT = "in_skipped_document"  # triples of a document skipped as a whole
 
 SPILL_SCHEMA = pa.schema(
@@ -133,6 +137,17 @@ class TrexConfig:
 def short_id(uri: str) -> str:
     """``http://www.wikidata.org/entity/Q228`` -> ``Q228``; other URIs (dates) unchanged."""
     return uri[len(WIKIDATA_ENTITY):] if uri.startswith(WIKIDATA_ENTITY) else uri
+
+
+_ENTITY_URI = re.compile(re.escape(WIKIDATA_ENTITY) + r"Q[1-9][0-9]*")
+
+
+def _argument_kind(uri: str) -> str:
+    """``entity`` (a Wikidata item URI), ``literal`` (T-REx's ``value^^datatype`` form for
+    dates and quantities) or ``bad`` (anything else)."""
+    if _ENTITY_URI.fullmatch(uri):
+        return "entity"
+    return "literal" if "^^http://www.w3.org/2001/XMLSchema#" in uri else "bad"
 
 
 def relation_id(uri: str) -> str:
@@ -210,6 +225,8 @@ class FileScan:
     stats: Counter  # documents, triples, drop and skip reasons, split sizes
     candidates: int
     error: tuple[str, str | None, str] | None = None  # (path, record, problem) when raising
+    docids: np.ndarray | None = None  # 64-bit hashes of the kept documents' docids
+    doc_indexes: np.ndarray | None = None  # their positions in the file
 
 
 # ``words_boundaries`` (a [start, end] pair for every word) is about half the parsing
@@ -234,9 +251,16 @@ def read_documents(path: str | Path) -> list:
     return documents
 
 
+def docid_hash(docid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(docid.encode(), digest_size=8).digest(), "big")
+
+
 def scan_file(path: str, spill: str, seed: int, dev_fraction: float,
-              exclude: frozenset[str], on_error: str) -> FileScan:
-    """Pass 1 on one file: count entity mentions, write its candidates to ``spill``."""
+              exclude: frozenset[str], on_error: str,
+              skip_docids: frozenset[str] = frozenset()) -> FileScan:
+    """Pass 1 on one file: count entity mentions, write its candidates to ``spill``.
+    Documents whose docid is in ``skip_docids`` (already read from an earlier file) are
+    skipped as duplicates."""
     stats: Counter = Counter()
     entities: Counter = Counter()
 
@@ -255,15 +279,24 @@ def scan_file(path: str, spill: str, seed: int, dev_fraction: float,
     relation_ids: dict[str, str] = {}  # predicate URI -> P-id, and excluded or not
     rows: set[tuple] = set()
     dropped: Counter = Counter()
-    missing = outside = overlapping = same = excluded = 0
+    missing = outside = overlapping = same = excluded = literal = 0
+    seen: dict[str, int] = {}  # docid -> index of its document in this file
     for index, doc in enumerate(documents):
         triples = doc.get("triples") if type(doc) is dict else None
         if type(triples) is list:
             stats["triples"] += len(triples)
         try:
             _check_document(doc)
+            if doc["docid"] in seen:
+                raise BadRecord("duplicate_docid", f"docid {doc['docid']} is also document "
+                                f"{seen[doc['docid']]} of this file (its rows and entity "
+                                "counts would double)")
+            if doc["docid"] in skip_docids:
+                raise BadRecord("duplicate_docid", f"docid {doc['docid']} is also in an "
+                                "earlier input file")
             sentences = _sentences(doc)
             uris = _entity_uris(doc)
+            seen[doc["docid"]] = index
         except BadRecord as bad:
             stats[f"skipped:{bad.reason}"] += 1
             if type(triples) is list:
@@ -295,6 +328,17 @@ def scan_file(path: str, spill: str, seed: int, dev_fraction: float,
                         "bad_sentence_id",
                         f"sentence_id {sentence_id!r} out of range ({sentence_count} sentences)",
                     )
+                kinds = (_argument_kind(subj_uri), _argument_kind(obj_uri))
+                for role, argument, span, kind in (("subject", subject, subj_span, kinds[0]),
+                                                   ("object", obj, obj_span, kinds[1])):
+                    if kind == "bad":
+                        raise BadRecord("not_an_entity", f"{role} uri {argument['uri']!r} is "
+                                        "neither a Wikidata entity nor a typed value")
+                    form = argument.get("surfaceform")
+                    if span is not None and type(form) is str and text[span[0]:span[1]] != form:
+                        raise BadRecord("surfaceform_mismatch", f"{role} surfaceform {form!r} "
+                                        f"is not the text at {list(span)} "
+                                        f"({text[span[0]:span[1]]!r})")
             except BadRecord as bad:
                 dropped[bad.reason] += 1
                 failure = fail(f"document {index} (docid {docid}), triple {position}", bad.problem)
@@ -303,6 +347,9 @@ def scan_file(path: str, spill: str, seed: int, dev_fraction: float,
                 continue
             if subj_span is None or obj_span is None:
                 missing += 1
+                continue
+            if kinds != ("entity", "entity"):
+                literal += 1
                 continue
             sent_start, sent_end = sentences[sentence_id]
             (subj_start, subj_end), (obj_start, obj_end) = subj_span, obj_span
@@ -326,7 +373,7 @@ def scan_file(path: str, spill: str, seed: int, dev_fraction: float,
                       obj_start - sent_start, obj_end - sent_start, relation,
                       subj_uri, obj_uri, index, sent_end, dev))
     stats["documents"] = len(documents)
-    dropped.update(missing_boundaries=missing, outside_sentence=outside,
+    dropped.update(missing_boundaries=missing, literal_argument=literal, outside_sentence=outside,
                    overlapping_spans=overlapping, same_entity=same, excluded_relation=excluded)
     candidates = stats["triples"] - sum(dropped.values())
     dropped["duplicate"] = candidates - len(rows)
@@ -354,50 +401,110 @@ def scan_file(path: str, spill: str, seed: int, dev_fraction: float,
     short_counts: Counter = Counter()
     for uri, count in entities.items():
         short_counts[short_id(uri)] += count
-    return FileScan(short_counts, stats, len(ordered))
+    kept = sorted(seen.items(), key=lambda item: item[1])
+    return FileScan(short_counts, stats, len(ordered),
+                    docids=np.array([docid_hash(d) for d, _ in kept], dtype=np.uint64),
+                    doc_indexes=np.array([i for _, i in kept], dtype=np.int64))
 
 
 def _scan_job(job: tuple) -> FileScan:
     return scan_file(*job)
 
 
+def _first_pass(jobs: list[tuple], skips: dict[int, frozenset[str]], config: TrexConfig,
+                progress: bool) -> tuple[Counter, Counter, int, list[tuple[np.ndarray, np.ndarray]]]:
+    """Pass 1 over every file -> (entity counts, stats, candidates, and per file the docid
+    hashes of its kept documents with their positions)."""
+    entity_counts: Counter = Counter()
+    stats: Counter = Counter()
+    candidates = 0
+    docids: list[tuple[np.ndarray, np.ndarray]] = []
+    jobs = [(*job, skips.get(i, frozenset())) for i, job in enumerate(jobs)]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc="T-REx files", unit="file", disable=not progress)
+    if config.workers > 1 and len(jobs) > 1:
+        pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(jobs)))
+        scans = pool.imap(_scan_job, jobs)
+    else:
+        pool, scans = None, map(_scan_job, jobs)
+    try:
+        for scan in scans:
+            if scan.error:
+                raise InputError(*scan.error)
+            entity_counts.update(scan.entity_counts)
+            stats.update(scan.stats)
+            candidates += scan.candidates
+            if scan.docids is None:  # a file skipped as invalid JSON
+                docids.append((np.zeros(0, np.uint64), np.zeros(0, np.int64)))
+            else:
+                docids.append((scan.docids, scan.doc_indexes))
+            bar.update()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()  # every result is in (or an error stops the run)
+    return entity_counts, stats, candidates, docids
+
+
+def _repeated_docids(paths: list[Path], docids: list[tuple[np.ndarray, np.ndarray]]
+                     ) -> dict[tuple[Path, int, str], Path]:
+    """``{(later file, document index, docid): first file}`` for each docid kept in more
+    than one file (by 64-bit hash, confirmed on the documents)."""
+    hashes = [h for h, _ in docids]
+    if not hashes or sum(len(h) for h in hashes) == 0:
+        return {}
+    flat = np.concatenate(hashes)
+    files = np.repeat(np.arange(len(hashes)), [len(h) for h in hashes])
+    positions = np.concatenate([np.arange(len(h)) for h in hashes])
+    order = np.argsort(flat, kind="stable")  # stable: the earliest file comes first
+    ordered = flat[order]
+    later = np.flatnonzero(ordered[1:] == ordered[:-1]) + 1
+    if len(later) == 0:
+        return {}
+    found: dict[tuple[Path, int, str], Path] = {}
+    cache: dict[int, list] = {}
+    for k in later:
+        file, position = int(files[order[k]]), int(positions[order[k]])
+        first = int(files[order[np.searchsorted(ordered, ordered[k])]])
+        if file == first:
+            continue  # a repeat inside one file is caught by its scan
+        index = int(docids[file][1][position])
+        documents = cache.setdefault(file, read_documents(paths[file]))
+        found[(paths[file], index, documents[index]["docid"])] = paths[first]
+    return found
+
+
 def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
                   progress: bool = False) -> dict[str, Any]:
     """Run the whole stage; returns the manifest (also written to ``output_dir``)."""
-    from tqdm import tqdm
 
     paths = expand_inputs(config.input, suffixes=(".json",))
     exclude = frozenset(config.exclude_relations)
     started = time.perf_counter()
-    with atomic_output_dir(output_dir) as out:
+    with atomic_output_dir(output_dir, stage="data_trex") as out:
         spill_dir = out / ".spill"
         spill_dir.mkdir()
         spills = [str(spill_dir / f"{i:06d}.parquet") for i in range(len(paths))]
         jobs = [(str(p), s, seed, config.dev_fraction, exclude, config.on_error)
                 for p, s in zip(paths, spills)]
 
-        # Pass 1: parse every file (in parallel), count mentions, spill candidates.
-        entity_counts: Counter = Counter()
-        stats: Counter = Counter()
-        candidates = 0
-        bar = tqdm(total=len(paths), desc="T-REx files", unit="file", disable=not progress)
-        if config.workers > 1 and len(paths) > 1:
-            pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(paths)))
-            scans = pool.imap(_scan_job, jobs)
-        else:
-            pool, scans = None, map(_scan_job, jobs)
-        try:
-            for scan in scans:
-                if scan.error:
-                    raise InputError(*scan.error)
-                entity_counts.update(scan.entity_counts)
-                stats.update(scan.stats)
-                candidates += scan.candidates
-                bar.update()
-        finally:
-            bar.close()
-            if pool is not None:
-                pool.terminate()  # every result is in (or an error stops the run)
+        # Pass 1: parse every file (in parallel), count mentions, spill candidates. A docid
+        # met again in a later file is an error, or (skip) a second pass 1 skips it there.
+        skips: dict[int, frozenset[str]] = {}
+        while True:
+            entity_counts, stats, candidates, docids = _first_pass(jobs, skips, config, progress)
+            repeated = _repeated_docids(paths, docids)
+            if not repeated:
+                break
+            if config.on_error == "raise":
+                (path, index, docid), first = next(iter(repeated.items()))
+                raise InputError(path, f"document {index} (docid {docid})",
+                                 f"docid also in {first}: its rows and entity counts would double")
+            more: dict[int, set[str]] = {k: set(v) for k, v in skips.items()}
+            for path, _, docid in repeated:
+                more.setdefault(paths.index(path), set()).add(docid)
+            skips = {k: frozenset(v) for k, v in more.items()}
 
         # Pass 2: entity filter (each spill rewritten with what it keeps), then the
         # distinct (subject, object) pairs of every relation.

@@ -139,6 +139,11 @@ def main(config: Config) -> dict[str, Any]:
         sources["trex"], template_only = lama.read_trex(lama_dir)
         input_files += [lama_dir / "relations.jsonl"]
         input_files += [lama_dir / "TREx" / f"{r.name}.jsonl" for r in sources["trex"]]
+    empty = {name: lama.empty_relations(relations) for name, relations in sources.items()}
+    for name, relations in sources.items():
+        if empty[name]:
+            print(f"{name}: not probed, empty facts file: {', '.join(empty[name])}")
+        sources[name] = [r for r in relations if r.facts]
 
     person_filter = None
     person_note = "skipped (no bert_model configured)"
@@ -165,13 +170,14 @@ def main(config: Config) -> dict[str, Any]:
             "read": sum(len(r.facts) for r in relations), "kept": len(queries[subset]),
             "dropped": len(dropped[subset]), "dropped_by_reason": lama.count_reasons(dropped[subset]),
             "per_relation": per_relation}
+        facts_summary[subset]["relations_with_empty_facts_file"] = empty[subset.removeprefix("uhn_")]
         if subset.endswith("trex"):
             facts_summary[subset]["relations_without_facts_file"] = template_only
         print(f"{subset}: {facts_summary[subset]['read']} facts -> {len(queries[subset])} kept; "
               f"dropped {facts_summary[subset]['dropped_by_reason']}")
     clock = lap("build_queries", clock)
 
-    with atomic_output_dir(cfg.output_dir) as out:
+    with atomic_output_dir(cfg.output_dir, stage="eval_lama") as out:
         # ---- 4. K-Adapter variants: train the MLM mix (encoder, adapters, LM head frozen)
         mixes = lama.VariantMixes(cfg.variants, hidden).to(device)
         head_cfg = cfg.mlm_head

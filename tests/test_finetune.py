@@ -60,6 +60,8 @@ def workspace(tmp_path_factory, repo_root, tiny_model_dir):
             "output_dir": str(root / "runs"), "results": str(root / "results.md"),
             **{task: {"data_dir": str(root / "data" / directory), **task_settings}
                for task, directory in SAMPLE_DIRS.items()},
+            "figer": {"data_dir": str(root / "data/figer"), **task_settings,
+                      "labels": load_config(repo_root / "configs/sample.yaml").finetune.figer.labels},
         },
     }
     (root / "test.yaml").write_text(yaml.safe_dump(preset))

@@ -56,6 +56,9 @@ def make_doc(docid: str, sentences: list[str], triples: list[tuple], extra: dict
         for key, value in (spec[3] if len(spec) > 3 else {}).items():
             if key in ("subject", "object"):
                 t[key] = {**t[key], **value}
+                bounds_moved = value.get("boundaries")
+                if bounds_moved and "surfaceform" not in value:  # a moved span keeps its text
+                    t[key]["surfaceform"] = text[bounds_moved[0]:bounds_moved[1]]
             else:
                 t[key] = value
         out_triples.append(t)
@@ -278,19 +281,22 @@ def test_real_trex_sample(tmp_path, shared_real):
     sentence. Duplicates: in Andorra all 17 SPOAligner and all 6 spanned NoSubject
     triples repeat a Simple-Aligner one (23); in Catalan the 3 spanned NoSubject triples
     and both SPOAligner ones repeat Simple-Aligner ones (5): 28, leaving 60 + 11 = 71.
+    Three of those triples (one kept, two of its repeats: P729 with the 1970-01-22 date)
+    have a date value, not an entity, as object: dropped as literal_argument, so 70
+    candidates and 26 duplicates.
     """
     path = shared_real / "trex-sample-output.json"
     manifest, rows, _ = run(tmp_path, path)
     c = manifest["counts"]
-    assert (c["documents"], c["triples_read"], c["candidates"]) == (2, 112, 71)
+    assert (c["documents"], c["triples_read"], c["candidates"]) == (2, 112, 70)
     assert {k: v for k, v in c["triples_dropped"].items() if v} == {
-        "missing_boundaries": 13, "duplicate": 28}
+        "missing_boundaries": 13, "literal_argument": 3, "duplicate": 26}
     assert c["entity_mentions"] == 127
     assert sorted(manifest["relations"]) == ["P17", "P2341", "P37", "P38", "P47", "P527",
-                                             "P530", "P729"]
+                                             "P530"]
     # Mentions: Catalan 19, Andorra 11, Spain 6, France 6; Southwestern Europe, the Euro,
-    # the EU and the 1970-01-22 date fewer. With 6+ mentions 8 candidates go (4 with
-    # Southwestern Europe, 3 with the Euro or the EU, 1 with the date); with 2+ pairs
+    # the EU and the 1970-01-22 date fewer. With 6+ mentions 7 candidates go (4 with
+    # Southwestern Europe, 3 with the Euro or the EU; the date's is gone already); with 2+ pairs
     # P2341 (1 pair: Catalan-Andorra) goes too: 7 examples.
     manifest, rows, out = run(tmp_path, path, min_entity_count=6, min_relation_pairs=2,
                               name="filtered")
@@ -405,7 +411,7 @@ def test_cli_on_the_sample_preset(tmp_path, repo_root):
          "--output_dir", str(out)], cwd=repo_root, capture_output=True, text=True, check=True)
     assert "examples over" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "dev.parquet", "manifest.json", "relations.json", "train.parquet"]
+        ".kadapter-output.json", "dev.parquet", "manifest.json", "relations.json", "train.parquet"]
     table = pq.read_table(out / "train.parquet")
     assert table.column_names == ["docid", "sentence", "subj_start", "subj_end", "obj_start",
                                   "obj_end", "subj_uri", "obj_uri", "relation", "label"]
