@@ -50,13 +50,14 @@ fi
 BF16=(--model.encoder_dtype bfloat16)   # the CUDA default, spelt out so that --dry-run matches
 SAMPLE=(--config configs/sample.yaml)
 
-stage() {  # stage NAME COMMAND...: run, time, record
+stage() {  # stage NAME COMMAND...: run, time, record its exit status; a failure stops no other
   local name=$1; shift
   echo "== $name: $*"
-  local started
+  local started status=0
   started=$(date +%s%N)
-  "$@"
-  printf '%s\t%s\n' "$name" "$(( ($(date +%s%N) - started) / 1000000 ))" >> "$WORK/stages.tsv"
+  "$@" || status=$?
+  printf '%s\t%s\t%s\n' "$name" "$(( ($(date +%s%N) - started) / 1000000 ))" "$status" \
+    >> "$WORK/stages.tsv"
 }
 
 stage throughput "$PY" benchmarks/pretrain_throughput.py "${THROUGHPUT[@]}" --out "$WORK/throughput.json"
@@ -84,12 +85,39 @@ from pathlib import Path
 from kadapter.io import atomic_write_json, versions
 
 work, summary_path, device, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
-read = lambda path: json.loads((work / path).read_text())  # noqa: E731
-finite = lambda values: all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)  # noqa: E731
-checks, stages = {}, {}
+checks, stages, seconds, exit_status = {}, {}, {}, {}
+for line in (work / "stages.tsv").read_text().splitlines():
+    name, value, status = line.split("\t")
+    seconds[name], exit_status[name] = round(int(value) / 1000, 1), int(status)  # ms -> s
+    checks[f"{name}_exit_0"] = status == "0"
 
-(throughput,) = read("throughput.json")
-for task in ("fac", "lin"):
+
+def read(path):
+    return json.loads((work / path).read_text())
+
+
+def finite(values):
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def section(name, body):
+    """Fill stages[name] and its checks from the stage's outputs; missing outputs fail."""
+    try:
+        body()
+    except (OSError, KeyError, ValueError) as err:
+        stages[name] = {"error": f"{type(err).__name__}: {err}"}
+        checks[f"{name}_outputs"] = False
+
+
+throughput = {}
+
+
+def read_throughput():
+    (result,) = read("throughput.json")
+    throughput.update(result)
+
+
+def read_pretrain(task):
     manifest = read(f"{task}-adapter/manifest.json")
     training = manifest["training"]
     stages[f"pretrain_{task}"] = {
@@ -101,50 +129,57 @@ for task in ("fac", "lin"):
     checks[f"pretrain_{task}_on_{device}"] = training["device"].startswith(device)
     checks[f"pretrain_{task}_finite"] = finite(manifest["dev_metrics"].values())
 
-run = Path("finetune", "tacred", "fac+lin")
-finetune_manifest, metrics = read(run / "manifest.json"), read(run / "metrics.json")
-stages["finetune_tacred"] = {"precision": finetune_manifest["parameters"].get("precision"),
-                             "steps": metrics["steps"], "dev": metrics["dev"], "test": metrics["test"],
-                             "tokens_per_s": finetune_manifest["training"]["tokens_per_s"]}
-checks["finetune_bf16"] = (finetune_manifest["parameters"].get("precision") or {}).get(
-    "mixed_precision") == "bf16"
-checks["finetune_finite"] = finite(v for v in metrics["dev"].values())
 
-lama_results, lama_manifest = read("lama/results.json"), read("lama/manifest.json")
-p_at_1 = {subset: {variant: scores["p@1"] for variant, scores in variants.items()}
-          for subset, variants in lama_results["subsets"].items()}
-stages["eval_lama"] = {"device": lama_manifest["parameters"]["device"],
-                       "precision": lama_manifest["parameters"].get("precision"),
-                       "p_at_1": p_at_1, "mlm_head": lama_results["mlm_head"]}
-checks["lama_bf16"] = (lama_manifest["parameters"].get("precision") or {}).get(
-    "mixed_precision") == "bf16"
-checks["lama_on_" + device] = lama_manifest["parameters"]["device"].startswith(device)
-checks["lama_every_variant"] = all(set(v) == {"encoder", "fac", "lin", "fac+lin"}
-                                   for v in p_at_1.values())
-checks["lama_finite"] = all(finite(v.values()) for v in p_at_1.values()) and finite(
-    (lama_results["mlm_head"].get("dev_mlm_loss") or {}).values())
+def read_finetune():
+    run = Path("finetune", "tacred", "fac+lin")
+    manifest, metrics = read(run / "manifest.json"), read(run / "metrics.json")
+    precision = manifest["parameters"].get("precision") or {}
+    stages["finetune_tacred"] = {"precision": precision, "steps": metrics["steps"],
+                                 "dev": metrics["dev"], "test": metrics["test"],
+                                 "tokens_per_s": manifest["training"]["tokens_per_s"]}
+    checks["finetune_bf16"] = precision.get("mixed_precision") == "bf16"
+    checks["finetune_finite"] = finite(metrics["dev"].values())
 
-seconds = {}
-for line in (work / "stages.tsv").read_text().splitlines():
-    name, value = line.split("\t")
-    seconds[name] = round(int(value) / 1000, 1)  # milliseconds
-mfu = throughput["mfu"]
+
+def read_lama():
+    results, manifest = read("lama/results.json"), read("lama/manifest.json")
+    parameters = manifest["parameters"]
+    p_at_1 = {subset: {variant: scores["p@1"] for variant, scores in variants.items()}
+              for subset, variants in results["subsets"].items()}
+    stages["eval_lama"] = {"device": parameters["device"], "precision": parameters.get("precision"),
+                           "p_at_1": p_at_1, "mlm_head": results["mlm_head"]}
+    checks["lama_bf16"] = (parameters.get("precision") or {}).get("mixed_precision") == "bf16"
+    checks[f"lama_on_{device}"] = parameters["device"].startswith(device)
+    checks["lama_every_variant"] = all(set(v) == {"encoder", "fac", "lin", "fac+lin"}
+                                       for v in p_at_1.values())
+    checks["lama_finite"] = all(finite(v.values()) for v in p_at_1.values()) and finite(
+        (results["mlm_head"].get("dev_mlm_loss") or {}).values())
+
+
+section("throughput", read_throughput)
+section("pretrain_fac", lambda: read_pretrain("fac"))
+section("pretrain_lin", lambda: read_pretrain("lin"))
+section("finetune_tacred", read_finetune)
+section("eval_lama", read_lama)
+
+mfu = throughput.get("mfu")
 summary = {
-    "dry_run": dry, "device": throughput["device"],
+    "dry_run": dry, "device": throughput.get("device"),
     "throughput": throughput,
-    "targets": {"ratio_at_least_3": throughput["ratio"] >= 3.0,
+    "targets": {"ratio_at_least_3": throughput["ratio"] >= 3.0 if throughput else None,
                 "mfu_at_least_50_percent": None if mfu is None else mfu >= 0.5},
     "pipeline": stages, "checks": checks, "all_checks_pass": all(checks.values()),
-    "stage_seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),
-    "versions": versions(),
+    "stage_seconds": seconds, "stage_exit_status": exit_status,
+    "total_seconds": round(sum(seconds.values()), 1), "versions": versions(),
 }
 atomic_write_json(summary_path, summary)
-print(f"throughput {throughput['shape']} on {throughput['device']}: ours "
-      f"{throughput['ours_tokens_per_s']:,.0f} vs original-style {throughput['baseline_tokens_per_s']:,.0f} "
-      f"real tokens/s ({throughput['ratio']:.2f}x); MFU "
-      f"{'n/a' if mfu is None else format(mfu, '.1%')}; "
-      f"{throughput['ours_fraction_of_matmul']:.1%} of the measured matmul rate; peak GPU memory "
-      f"{throughput['peak_gpu_memory_gb']} GB")
+if throughput:
+    print(f"throughput {throughput['shape']} on {throughput['device']}: ours "
+          f"{throughput['ours_tokens_per_s']:,.0f} vs original-style "
+          f"{throughput['baseline_tokens_per_s']:,.0f} real tokens/s ({throughput['ratio']:.2f}x); "
+          f"MFU {'n/a' if mfu is None else format(mfu, '.1%')}; "
+          f"{throughput['ours_fraction_of_matmul']:.1%} of the measured matmul rate; "
+          f"peak GPU memory {throughput['peak_gpu_memory_gb']} GB")
 for name, ok in checks.items():
     print(f"{'ok  ' if ok else 'FAIL'} {name}")
 print(f"stages {seconds}; total {summary['total_seconds']} s -> {summary_path}")

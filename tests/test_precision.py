@@ -28,7 +28,7 @@ BF16_ENCODER = ("--model.encoder_dtype", "bfloat16")
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
+def isolated_run(monkeypatch):
     """Tiny shapes gain nothing from intra-op threads; Accelerate's setting starts unset,
     and no test leaves its process-wide precision behind."""
     from accelerate.state import AcceleratorState
