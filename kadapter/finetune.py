@@ -293,7 +293,9 @@ def read_splits(task: Task, settings: TaskConfig, files: dict[str, Path],
     the task's on_error is skip, is counted in ``skipped`` and left out. The train and dev
     splits must be labelled."""
     configured = settings.labels if settings.labels is not None else task.default_labels
-    log = (skipped or SkippedRecords()) if settings.on_error == "skip" else None
+    log = None
+    if settings.on_error == "skip":
+        log = skipped if skipped is not None else SkippedRecords()
     examples = {}
     for split, path in files.items():
         try:
