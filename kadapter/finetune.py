@@ -30,10 +30,17 @@ import torch
 from torch import nn
 
 from kadapter.config import Config, ConfigError, build, to_plain
-from kadapter.io import atomic_write_json, file_fingerprint, fingerprint_of, replace_dir, versions
+from kadapter.io import (
+    InputError,
+    atomic_write_json,
+    file_fingerprint,
+    fingerprint_of,
+    replace_dir,
+    versions,
+)
 from kadapter.metrics import main_metric, score, score_file, write_predictions
 from kadapter.precision import check_bf16
-from kadapter.tasks import TASKS, Encoded, Task, collate
+from kadapter.tasks import TASKS, BadRecord, Encoded, SkippedRecords, Task, collate
 from kadapter.training import (
     TrainingConfig,
     batch_plan,
@@ -60,7 +67,9 @@ class TaskConfig(TrainingConfig):
     """Training file inside data_dir; None = the upstream name (train.json,
     train_rand_split.jsonl, ...)."""
     dev_file: str | None = None
-    """Dev file inside data_dir; None = the upstream name (dev.json, valid.jsonl, ...)."""
+    """Dev file inside data_dir; None = the upstream name (dev.json, valid.jsonl, ...).
+    CosmosQA: the release's valid.csv when present, else the leaderboard's valid.jsonl
+    (labels in valid-labels.lst beside it, or in each record)."""
     test_file: str | None = None
     """Test file inside data_dir; None = the upstream name (test.json,
     test_rand_split_no_answers.jsonl, ...). Unlabelled test files are predicted, not scored."""
@@ -69,6 +78,16 @@ class TaskConfig(TrainingConfig):
     inputs are cut to a window around the markers, multiple-choice inputs truncated."""
     dropout: float = 0.1
     """Dropout before the task head's output layer."""
+    classifier: Literal["linear", "original"] = "linear"
+    """Entity typing and TACRED heads: ``linear`` (ours) = dropout -> one linear layer on
+    the pooled mention(s); ``original`` = the original's dense (-> hidden size) -> dropout
+    -> out_proj, two linear layers with no nonlinearity between them. Multiple-choice
+    heads are dropout -> linear in both."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A bad record (span out of range or empty, overlapping subject and object, unknown
+    label, missing field, invalid JSON line): ``raise`` stops with an error naming file
+    and record; ``skip`` leaves it out and counts it by reason in manifest.json
+    (``skipped_records``, with the first 20 locations)."""
     pooling: Literal["entity", "marker"] = "entity"
     """Mention pooling: mean over the mention's sub-words (entity, as in pretraining) or
     the opening marker's state (marker, the original code)."""
@@ -117,6 +136,10 @@ class FinetuneConfig:
     """Directory of the linguistic adapter."""
     combine: Literal["concat", "add"] = "concat"
     """How adapter outputs join the encoder's last state (kadapter.modeling.Combiner)."""
+    adapter_dropout: bool = False
+    """Dropout inside the frozen adapters while fine-tuning: false (ours) runs them in eval
+    mode, as fixed feature extractors; true keeps their dropout on in training, as the
+    original does (it never switches them to eval)."""
     output_dir: str = "runs/{preset}/finetune"
     """Root of the runs: <output_dir>/<task>/<variant>/."""
     results: str = "runs/{preset}/results.md"
@@ -196,7 +219,8 @@ def data_files(task: Task, settings: TaskConfig, task_name: str) -> dict[str, Pa
         raise ConfigError(f"finetune.{task_name}.data_dir is not set")
     names = (settings.train_file, settings.dev_file, settings.test_file)
     return {split: Path(settings.data_dir) / (name or default)
-            for split, name, default in zip(("train", "dev", "test"), names, task.files)}
+            for split, name, default in zip(("train", "dev", "test"), names,
+                                            task.default_files(settings.data_dir))}
 
 
 def run_fingerprint(config: Config, task_name: str, variant: str) -> str:
@@ -206,6 +230,7 @@ def run_fingerprint(config: Config, task_name: str, variant: str) -> str:
     return fingerprint_of({
         "task": task_name, "variant": variant, "settings": to_plain(settings), "seed": config.seed,
         "model": to_plain(config.model), "combine": config.finetune.combine,
+        "adapter_dropout": config.finetune.adapter_dropout,
         "data": {split: file_fingerprint(path) for split, path in files.items() if path.is_file()},
         "adapters": adapter_fingerprints(config, variant),
     })
@@ -221,10 +246,13 @@ def adapter_fingerprints(config: Config, variant: str) -> dict[str, list[dict[st
 
 
 class FinetuneModel(nn.Module):
-    """Encoder (trainable) + frozen adapters -> Combiner -> task head -> logits."""
+    """Encoder (trainable) + frozen adapters -> Combiner -> task head -> logits.
+
+    ``adapter_dropout``: the frozen adapters follow the model's train/eval mode (their
+    dropout is on in training, as in the original) instead of staying in eval mode."""
 
     def __init__(self, encoder: nn.Module, adapters: dict[str, nn.Module], head: nn.Module,
-                 combine: Literal["concat", "add"]):
+                 combine: Literal["concat", "add"], adapter_dropout: bool = False):
         from kadapter.modeling import Combiner, KAdapterModel
 
         super().__init__()
@@ -232,6 +260,13 @@ class FinetuneModel(nn.Module):
                                       frozen_adapters=list(adapters))
         self.combiner = Combiner(list(adapters), encoder.config.hidden_size, mode=combine)
         self.head = head
+        self.adapter_dropout = adapter_dropout
+
+    def train(self, mode: bool = True) -> FinetuneModel:
+        super().train(mode)
+        if self.adapter_dropout:
+            self.kadapter.adapters.train(mode)
+        return self
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.kadapter(batch["input_ids"], batch["attention_mask"])
@@ -259,6 +294,33 @@ class Splits:
     labels: list[str]
     encoded: dict[str, Encoded]
     counts: dict[str, dict[str, int]]
+    skipped: dict[str, Any]
+    """Bad records left out under on_error: skip (SkippedRecords.summary())."""
+    labels_found: int
+    """Distinct labels in the three files (FIGER's release has 113 types); 0 for
+    multiple choice."""
+
+
+def read_splits(task: Task, settings: TaskConfig, files: dict[str, Path],
+                skipped: SkippedRecords | None = None) -> dict[str, list[Any]]:
+    """Every split's examples. A bad record raises with a hint at on_error: skip, or, when
+    the task's on_error is skip, is counted in ``skipped`` and left out. The train and dev
+    splits must be labelled."""
+    configured = configured_labels(task, settings)
+    log = None
+    if settings.on_error == "skip":
+        log = skipped if skipped is not None else SkippedRecords()
+    examples = {}
+    for split, path in files.items():
+        try:
+            examples[split] = task.reader(path, configured, log)
+        except BadRecord as err:
+            raise InputError(err.path, err.record, f"{err.problem} (to leave such records out and count "
+                             f"them, set --finetune.{task.name}.on_error skip)") from None
+    for split, purpose in (("train", "train on"), ("dev", "select the model with")):
+        if split in examples:
+            task.check_labelled(examples[split], files[split], purpose)
+    return examples
 
 
 def configured_labels(task: Task, settings: TaskConfig) -> list[str] | None:
@@ -287,8 +349,10 @@ def configured_labels(task: Task, settings: TaskConfig) -> list[str] | None:
 def prepare_data(task: Task, settings: TaskConfig, files: dict[str, Path], tokenizer) -> Splits:
     """Read the three files, fix the label set, encode; count what is dropped or cut."""
     configured = configured_labels(task, settings)
-    examples = {split: task.reader(path, configured) for split, path in files.items()}
+    skipped = SkippedRecords()
+    examples = read_splits(task, settings, files, skipped)
     labels = task.label_space([e for split in examples.values() for e in split], configured)
+    labels_found = len(task.label_space([e for split in examples.values() for e in split], None))
     counts: dict[str, dict[str, int]] = {}
     negatives_dropped = 0
     if settings.max_train_negatives is not None:
@@ -308,13 +372,16 @@ def prepare_data(task: Task, settings: TaskConfig, files: dict[str, Path], token
         encoded[split] = task.encode(split_examples, tokenizer, labels, settings.max_length)
         counts[split] = {"examples": len(split_examples), "encoded": len(encoded[split].features),
                          "too_long": len(encoded[split].too_long)}
+        if split != "train":  # cut to a window around the markers, but kept
+            longer = task.count_longer(split_examples, tokenizer, settings.max_length)
+            counts[split]["truncated"] = longer - len(encoded[split].too_long)
     counts["train"]["negatives_dropped"] = negatives_dropped
     for split, purpose in (("train", "train on"), ("dev", "select the model with")):
         if not encoded[split].features:
             raise ConfigError(f"{files[split]}: no example to {purpose} ({counts[split]['examples']} "
                               f"read, {counts[split]['too_long']} longer than max_length "
                               f"{settings.max_length})")
-    return Splits(labels, encoded, counts)
+    return Splits(labels, encoded, counts, skipped.summary(), labels_found)
 
 
 def prediction_rows(task: Task, labels: list[str], encoded: Encoded, logits: np.ndarray) -> list[dict]:
@@ -339,9 +406,8 @@ def majority_baseline(task: Task, settings: TaskConfig, files: dict[str, Path], 
     must clear."""
     from collections import Counter
 
-    configured = configured_labels(task, settings)
-    train = task.reader(files["train"], configured)
-    target = task.reader(files[split], configured)
+    examples = read_splits(task, settings, {"train": files["train"], split: files[split]})
+    train, target = examples["train"], examples[split]
     if task.kind == "choice":
         counts = Counter(e.choice_labels.index(e.answer) for e in train if e.answer is not None)
         position = min(counts, key=lambda p: (-counts[p], p))
@@ -406,8 +472,9 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
     torch.manual_seed(config.seed)  # head and combiner initialisation
     encoder = load_encoder(model_path, dtype=torch.float32)  # trainable: fp32 master weights
     loaded = load_adapters(config, variant, encoder.config)
-    head = task.head(encoder.config.hidden_size, len(data.labels), settings.dropout, settings.pooling)
-    model = FinetuneModel(encoder, loaded, head, config.finetune.combine)
+    head = task.head(encoder.config.hidden_size, len(data.labels), settings.dropout, settings.pooling,
+                     settings.classifier)
+    model = FinetuneModel(encoder, loaded, head, config.finetune.combine, config.finetune.adapter_dropout)
     metric = main_metric(task.metric)
     pad_id = tokenizer.pad_token_id
     dev = data.encoded["dev"]
@@ -461,11 +528,14 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
                 "adapters": adapter_fingerprints(config, variant),
             },
             "parameters": {"settings": to_plain(settings), "training": to_plain(loop_config),
-                           "combine": config.finetune.combine, "seed": config.seed,
+                           "combine": config.finetune.combine,
+                           "adapter_dropout": config.finetune.adapter_dropout, "seed": config.seed,
                            "processes": accelerator.num_processes,
                            "precision": precision_of(settings).to_dict()},
             "labels": data.labels,
+            "labels_found": data.labels_found,
             "counts": data.counts,
+            "skipped_records": data.skipped,
             "training": {"steps": result.global_step, "selected_step": result.best_step,
                          "tokens": result.tokens, "train_seconds": round(result.train_seconds, 3),
                          "tokens_per_s": round(result.tokens_per_s, 1),

@@ -10,12 +10,13 @@ Data, in the layout of LAMA's release (Petroni et al., 2019; KADAPTER.md section
 
 A fact becomes a query: the template with ``[X]`` = subject label and ``[Y]`` = the mask.
 Each fact is kept or dropped for the first of these reasons that applies (every drop is
-written out with its reason):
+written out with its reason). The kept facts are exactly those LAMA's own code scores
+(facebookresearch/LAMA ``scripts/batch_eval_KB_completion.py``, on the files LAMA-UHN's
+``scripts/create_lama_uhn.py`` writes for the UHN subsets):
 
-1. ``judgments_not_majority_yes`` (Google-RE): "yes" judgments must outnumber the others
-   (every judgment that is not "yes" counts as "no", as in LAMA). This is stricter than
-   LAMA's code, which drops a fact only when "no" outnumbers "yes", so it keeps ties and
-   facts without judgments.
+1. ``judgments_majority_no`` (Google-RE): dropped when the judgments that are not "yes"
+   outnumber the "yes" ones, as LAMA's code does: ties and facts without any judgment
+   are kept.
 2. ``object_not_single_token``: the object must be exactly one token of the model's
    vocabulary, in the form it takes mid-sentence after a space. Whether that form keeps
    the space is read off the tokenizer (``space_prefixed``): byte-level BPE (RoBERTa)
@@ -31,13 +32,19 @@ written out with its reason):
    filter asks BERT "[name] is a common name in the following city/country/language :
    [MASK] ." for every word of a person's name, and drops the fact when the object is
    among BERT's top 3 (relations P19, P20, P27, P103, P1412 and Google-RE's birth and
-   death places). Without ``bert_model`` it is reported as skipped.
+   death places). The object must equal one of BERT's top-k token strings, as in
+   LAMA-UHN. Without ``bert_model`` it does not run, and results.md says so.
+7. ``duplicate``: LAMA scores one fact per distinct (subject, object) pair of a relation
+   (the first in file order among those the filters above keep); later copies are
+   dropped (Google-RE place_of_death: 766 lines, 765 distinct pairs).
 
 Scoring: the model's logits at the mask, restricted to the common-vocabulary words that
 are single tokens; candidates are ordered by score, ties by token id. Per relation P@1,
-P@10 and MRR@10 (reciprocal rank, 0 beyond rank 10, so every number can be recomputed
-from ``predictions.jsonl``, which keeps ranks up to 10); a subset's score is the mean
-over its relations (macro), as in LAMA.
+P@10 and MRR, LAMA's mean reciprocal rank of the object over the candidate ranking
+(``lama/evaluation_metrics.py``; LAMA ranks the top 10,000 candidates, so a rank beyond
+10,000 adds 0); MRR@10 (0 beyond rank 10) is reported under that name besides. Every
+number is recomputed from the full ``rank`` of each fact in ``predictions.jsonl``; a
+subset's score is the mean over its relations (macro), as in LAMA.
 
 Variants: ``encoder`` uses the encoder's own MLM head. A K-Adapter variant (``fac``,
 ``lin``, ``fac+lin``) has no MLM head of its own; the paper trains a linear layer on
@@ -80,15 +87,18 @@ PERSON_NAME_NOUNS = {"place_of_birth": "city", "place_of_death": "city", "P19": 
 PERSON_NAME_TEMPLATE = "[X] is a common name in the following {noun} : [Y] ."
 
 DROP_REASONS = (
-    "judgments_not_majority_yes",
+    "judgments_majority_no",
     "object_not_single_token",
     "object_not_in_common_vocab",
     "extra_mask_token",
     "query_too_long",
     "uhn_object_in_subject",
     "uhn_person_name",
+    "duplicate",
 )
 TOP_K = 10
+MRR_DEPTH = 10_000
+"""LAMA's MRR only looks this deep into the ranking (get_ranking(topk=10000))."""
 
 
 @dataclass
@@ -396,22 +406,24 @@ def object_in_subject(fact: Fact) -> bool:
 class PersonNameFilter:
     """LAMA-UHN filter 2 (Poerner et al., 2020): is the object guessable from one word of
     a person's name alone? Runs a BERT MLM on "[name] is a common name in the following
-    {city|country|language} : [MASK] ." and drops the fact when the object's token is
-    among the top k; every (name, noun) question is asked once."""
+    {city|country|language} : [MASK] ." and drops the fact when the object label equals
+    one of the top k tokens (as strings, as ``create_lama_uhn.py`` compares them; an
+    uncased BERT compares lowercased labels); every (name, noun) question is asked once."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, top_k: int = 3, batch_size: int = 64,
                  device: torch.device | str = "cpu"):
         self.model = model.eval().to(device)
         self.tokens = ProbeTokens(tokenizer)
         self.top_k, self.batch_size, self.device = top_k, batch_size, torch.device(device)
+        self.lowercase = bool(getattr(tokenizer, "do_lower_case", False))
 
     @staticmethod
     def applies(fact: Fact) -> bool:
         return fact.relation in PERSON_NAME_NOUNS
 
     @torch.no_grad()
-    def top_ids(self, questions: list[tuple[str, str]]) -> dict[tuple[str, str], set[int]]:
-        """(name, noun) -> ids of the model's top k tokens at the mask."""
+    def top_tokens(self, questions: list[tuple[str, str]]) -> dict[tuple[str, str], set[str]]:
+        """(name, noun) -> the model's top k tokens at the mask, as token strings."""
         encoded = [self.tokens.query(PERSON_NAME_TEMPLATE.format(noun=noun), name)
                    for name, noun in questions]
         pad = self.tokens.tokenizer.pad_token_id or 0
@@ -425,19 +437,22 @@ class PersonNameFilter:
             at_mask = logits[rows, torch.tensor([e[2] for e in chunk], device=self.device)]
             top = at_mask.float().topk(self.top_k, dim=-1).indices.cpu().tolist()
             for question, ids_top in zip(questions[start:start + self.batch_size], top):
-                found[question] = set(ids_top)
+                found[question] = set(self.tokens.tokenizer.convert_ids_to_tokens(ids_top))
         return found
 
     def matches(self, facts: list[Fact]) -> list[bool]:
         """For each fact: True when LAMA-UHN's person-name filter drops it."""
+        def names(fact: Fact) -> list[str]:
+            return (fact.sub_label.lower() if self.lowercase else fact.sub_label).split()
+
         questions = {(name, PERSON_NAME_NOUNS[f.relation])
-                     for f in facts if self.applies(f) for name in f.sub_label.split()}
-        top = self.top_ids(sorted(questions))
-        object_ids = self.tokens.word_ids([f.obj_label for f in facts])
+                     for f in facts if self.applies(f) for name in names(f)}
+        top = self.top_tokens(sorted(questions))
         return [
-            self.applies(f) and object_id is not None
-            and any(object_id in top[(name, PERSON_NAME_NOUNS[f.relation])] for name in f.sub_label.split())
-            for f, object_id in zip(facts, object_ids)
+            self.applies(f) and any(
+                (f.obj_label.lower() if self.lowercase else f.obj_label)
+                in top[(name, PERSON_NAME_NOUNS[f.relation])] for name in names(f))
+            for f in facts
         ]
 
 
@@ -458,8 +473,8 @@ def select_queries(subset: str, relations: list[Relation], tokens: ProbeTokens,
     built: list[tuple[str, list[int], int] | None] = []
     for fact, object_id in zip(facts, object_ids):
         reason, query = None, None
-        if fact.yes_votes is not None and fact.yes_votes <= fact.other_votes:
-            reason = "judgments_not_majority_yes"
+        if fact.yes_votes is not None and fact.other_votes > fact.yes_votes:
+            reason = "judgments_majority_no"
         elif object_id is None:
             reason = "object_not_single_token"
         elif fact.obj_label not in vocabulary.words:
@@ -479,6 +494,13 @@ def select_queries(subset: str, relations: list[Relation], tokens: ProbeTokens,
         for i, drop in zip(alive, person_filter.matches([facts[i] for i in alive])):
             if drop:
                 reasons[i] = "uhn_person_name"
+    seen: set[tuple[str, str, str]] = set()
+    for i, fact in enumerate(facts):
+        if reasons[i] is None:
+            pair = (fact.relation, fact.sub_label, fact.obj_label)
+            if pair in seen:
+                reasons[i] = "duplicate"
+            seen.add(pair)
     kept, dropped = [], []
     for fact, object_id, reason, query in zip(facts, object_ids, reasons, built):
         if reason is None:
@@ -519,28 +541,30 @@ def rank_candidates(scores: torch.Tensor, candidate_ids: torch.Tensor, object_id
     return top, 1 + before.sum(dim=1)
 
 
-def relation_metrics(ranks: list[int | None]) -> dict[str, float | int]:
-    """P@1, P@10, MRR@10 of one relation from its facts' ranks (None = beyond 10)."""
+def relation_metrics(ranks: list[int]) -> dict[str, float | int]:
+    """P@1, P@10, MRR (LAMA's, to rank MRR_DEPTH) and MRR@10 of one relation from its
+    facts' 1-based ranks among the candidates."""
     n = len(ranks)
     return {
         "facts": n,
         "p@1": sum(r == 1 for r in ranks) / n,
-        "p@10": sum(r is not None and r <= 10 for r in ranks) / n,
-        "mrr@10": sum(1.0 / r for r in ranks if r is not None and r <= 10) / n,
+        "p@10": sum(r <= 10 for r in ranks) / n,
+        "mrr": sum(1.0 / r for r in ranks if r <= MRR_DEPTH) / n,
+        "mrr@10": sum(1.0 / r for r in ranks if r <= 10) / n,
     }
 
 
 def summarise(predictions: list[dict[str, Any]]) -> dict[str, Any]:
     """predictions.jsonl rows of one subset and variant -> per-relation metrics and their
     means over relations (macro, as LAMA). Recomputes everything from ``rank`` alone."""
-    by_relation: dict[str, list[int | None]] = {}
+    by_relation: dict[str, list[int]] = {}
     for row in predictions:
         by_relation.setdefault(row["relation"], []).append(row["rank"])
     per_relation = {name: relation_metrics(ranks) for name, ranks in sorted(by_relation.items())}
     count = len(per_relation)
     summary: dict[str, Any] = {
         metric: (sum(m[metric] for m in per_relation.values()) / count if count else None)
-        for metric in ("p@1", "p@10", "mrr@10")
+        for metric in ("p@1", "p@10", "mrr", "mrr@10")
     }
     summary.update(relations=count, facts_kept=len(predictions), per_relation=per_relation)
     return summary
@@ -730,6 +754,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {SUBSET_TITLES[subset]} | {results['subsets'][subset][variants[0]]['relations']} | "
                      f"{facts[subset]['kept']} / {facts[subset]['read']} | {scores} |")
     for metric, title in (("p@10", "P@10 (%)"),
+                          ("mrr", "MRR (x100; LAMA's mean reciprocal rank over the candidate ranking)"),
                           ("mrr@10", "MRR@10 (x100; reciprocal rank, 0 beyond rank 10)")):
         lines += ["", f"{title}:", "", "| subset | " + " | ".join(variants) + " |",
                   "| --- | " + " | ".join("---:" for _ in variants) + " |"]
@@ -747,10 +772,25 @@ def results_markdown(results: dict[str, Any]) -> str:
     if any(empty.values()):
         lines += ["", "Not probed, their facts file is empty: " + "; ".join(
             f"{SUBSET_TITLES[s]} {', '.join(names)}" for s, names in empty.items() if names) + "."]
-    lines += ["", f"LAMA-UHN person-name filter: {results['person_name_filter']}.", "",
+    lines += ["", person_filter_line(results), "",
               "For comparison, the paper's P@1 (RoBERTa-large -> K-Adapter): Google-RE 4.8 -> 7.0, "
               "UHN-Google-RE 2.5 -> 3.7, T-REx 27.1 -> 29.1, UHN-T-REx 20.1 -> 23.0.", ""]
     return "\n".join(lines)
+
+
+def person_filter_line(results: dict[str, Any]) -> str:
+    """Whether LAMA-UHN's person-name filter ran in this run, and how many facts it removed."""
+    uhn = [s for s in SUBSETS if s.startswith("uhn_") and s in results["subsets"]]
+    run = results["person_name_filter"]
+    if not uhn:
+        return "LAMA-UHN person-name filter: not applicable (no UHN subset probed)."
+    if not run["ran"]:
+        return ("LAMA-UHN person-name filter: did not run (no lama.bert_model configured), so the "
+                "UHN subsets keep facts that LAMA-UHN's released files remove.")
+    removed = {s: results["facts"][s]["dropped_by_reason"].get("uhn_person_name", 0) for s in uhn}
+    parts = ", ".join(f"{SUBSET_TITLES[s]} {n}" for s, n in removed.items())
+    return (f"LAMA-UHN person-name filter: ran with {run['bert_model']} (top {run['top_k']}) and "
+            f"removed {sum(removed.values())} facts ({parts}).")
 
 
 def relation_order(name: str) -> tuple[int, str]:

@@ -206,9 +206,12 @@ class KnowledgeAdapter(nn.Module):
 class Combiner(nn.Module):
     """Combine the encoder's last state with any subset of adapter outputs -> (B, T, H).
 
-    ``concat``: per adapter dense(concat(encoder_last, adapter_out)), then dense over the
-    concatenation of those (KADAPTER.md section 2). ``add``: encoder_last + sum of adapter
-    outputs. With no adapters both return encoder_last unchanged (the "encoder alone" row).
+    ``concat``: per adapter dense(concat(encoder_last, adapter_out)), then, with two or
+    more adapters, dense over the concatenation of those (``out``; KADAPTER.md section 2).
+    With one adapter ``out`` is left out: the per-adapter layer is the only combining
+    layer, as in the original's single-adapter scripts. ``add``: encoder_last + sum of
+    adapter outputs. With no adapters both return encoder_last unchanged (the "encoder
+    alone" row).
     """
 
     def __init__(self, adapter_names: list[str], hidden_size: int,
@@ -220,7 +223,8 @@ class Combiner(nn.Module):
             self.per_adapter = nn.ModuleDict(
                 {n: nn.Linear(2 * hidden_size, hidden_size) for n in self.adapter_names}
             )
-            self.out = nn.Linear(len(self.adapter_names) * hidden_size, hidden_size)
+            if len(self.adapter_names) > 1:
+                self.out = nn.Linear(len(self.adapter_names) * hidden_size, hidden_size)
 
     def forward(self, encoder_last: torch.Tensor,
                 adapter_outputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -236,11 +240,11 @@ class Combiner(nn.Module):
             return encoder_last.to(dtype) + sum(adapter_outputs[n].to(dtype)
                                                 for n in self.adapter_names)
         # inputs in the layers' own dtype (fp32 master weights; autocast, when on, lowers it)
-        dtype = self.out.weight.dtype
+        dtype = self.per_adapter[self.adapter_names[0]].weight.dtype
         last = encoder_last.to(dtype)
         parts = [self.per_adapter[n](torch.cat([last, adapter_outputs[n].to(dtype)], -1))
                  for n in self.adapter_names]
-        return self.out(torch.cat(parts, dim=-1))
+        return self.out(torch.cat(parts, dim=-1)) if len(parts) > 1 else parts[0]
 
 
 @dataclass

@@ -17,12 +17,13 @@ Steps (sizes for the paper preset: roberta-large, LAMA's full release, WikiText-
    variant's head on the mask position, candidates ranked;
 6. outputs, written into a temporary directory renamed over ``lama.output_dir`` at the end:
 
-    results.json               subset -> variant -> P@1, P@10, MRR@10, facts kept and
+    results.json               subset -> variant -> P@1, P@10, MRR, MRR@10, facts kept and
                                dropped, per relation; "facts": per-subset accounting
     results.md                 the paper-style table (rows subsets, columns variants)
     p_at_1.png                 per-relation P@1, encoder vs K-Adapter, one panel per subset
     <subset>/<variant>/predictions.jsonl   one row per kept fact: subset, relation,
-                               sub_label, obj_label, query, top10, rank (null beyond 10)
+                               sub_label, obj_label, query, top10, rank (1-based, among
+                               all candidates)
     <subset>/dropped.jsonl     one row per dropped fact with its reason (the same for every
                                variant: all share the encoder's tokenizer)
     mlm_head/                  mix.safetensors, metrics.jsonl, curves.png (when trained)
@@ -62,6 +63,7 @@ def main(config: Config) -> dict[str, Any]:
         ADAPTER_WEIGHTS_FILE,
         AdapterLoadError,
         KAdapterModel,
+        ModelNotAvailable,
         encoder_dtype,
         load_adapter,
         load_encoder,
@@ -146,12 +148,21 @@ def main(config: Config) -> dict[str, Any]:
         sources[name] = [r for r in relations if r.facts]
 
     person_filter = None
-    person_note = "skipped (no bert_model configured)"
+    person_run = {"ran": False, "bert_model": cfg.bert_model, "top_k": cfg.person_name_top_k}
     if cfg.bert_model and any(s.startswith("uhn_") for s in cfg.subsets):
-        person_filter = lama.PersonNameFilter(
-            load_encoder(cfg.bert_model, masked_lm=True), load_tokenizer(cfg.bert_model),
-            top_k=cfg.person_name_top_k, batch_size=cfg.batch_size, device=device)
-        person_note = f"applied with {cfg.bert_model}, top {cfg.person_name_top_k}"
+        try:
+            bert = load_encoder(cfg.bert_model, masked_lm=True)
+            bert_tokenizer = load_tokenizer(cfg.bert_model)
+        except ModelNotAvailable:
+            raise ModelNotAvailable(
+                f"lama.bert_model {cfg.bert_model!r} (LAMA-UHN's person-name filter) is not "
+                "available: not a local model directory, and the Hugging Face hub could not "
+                "provide it. Download it (e.g. `huggingface-cli download bert-base-cased --local-dir /path/to/bert-base-cased`) "
+                "and set --lama.bert_model /path/to/bert-base-cased, or set --lama.bert_model null "
+                "to run without the filter (the UHN subsets are then larger than LAMA-UHN's)") from None
+        person_filter = lama.PersonNameFilter(bert, bert_tokenizer, top_k=cfg.person_name_top_k,
+                                              batch_size=cfg.batch_size, device=device)
+        person_run["ran"] = True
 
     queries: dict[str, list[lama.Query]] = {}
     dropped: dict[str, list[dict[str, Any]]] = {}
@@ -252,9 +263,10 @@ def main(config: Config) -> dict[str, Any]:
         results: dict[str, Any] = {
             "preset": config.preset, "model": model_path, "variants": list(cfg.variants),
             "metrics": "p@1, p@10: share of facts whose object ranks 1st / in the top 10 of "
-                       "the common-vocabulary candidates; mrr@10: mean reciprocal rank, 0 beyond "
-                       "rank 10; a subset's value is the mean over its relations",
-            "person_name_filter": person_note, "subsets": {}, "facts": facts_summary}
+                       "the common-vocabulary candidates; mrr: LAMA's mean reciprocal rank over "
+                       f"the ranking (0 beyond rank {lama.MRR_DEPTH}); mrr@10: mean reciprocal "
+                       "rank, 0 beyond rank 10; a subset's value is the mean over its relations",
+            "person_name_filter": person_run, "subsets": {}, "facts": facts_summary}
         position = 0
         for subset, subset_queries in queries.items():
             indices = range(position, position + len(subset_queries))
@@ -270,7 +282,7 @@ def main(config: Config) -> dict[str, Any]:
                                  "sub_label": query.sub_label, "obj_label": query.obj_label,
                                  "query": query.text,
                                  "top10": [vocabulary.decoded[i] for i in top_ids],
-                                 "rank": rank if rank <= lama.TOP_K else None})
+                                 "rank": rank})
                 atomic_write_bytes(out / subset / variant / "predictions.jsonl",
                                    b"".join(orjson.dumps(row) + b"\n" for row in rows))
                 summary = lama.summarise(rows)
