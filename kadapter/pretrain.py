@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kadapter.config import Config, ConfigError
+from kadapter.hub import MODEL_CARD_FILE
 from kadapter.io import (
     InputError,
     atomic_output_dir,
@@ -511,14 +512,16 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
     }
     if main:
         task_info = {"name": task, "labels": labels, "max_length": section.max_length,
-                     "head": settings, "combiner": "concat", "dev_metrics": result.dev_metrics}
+                     "head": settings, "combiner": "concat", "dev_metrics": result.dev_metrics,
+                     "data": {"manifest_sha256": manifest["inputs"]["data_manifest"],
+                              "files": features["inputs"]}}
         adapter_tmp = output_dir / ".adapter.tmp"
         save_adapter(adapter_tmp, result.model.adapter, base_model=config.model.name_or_path,
                      encoder_config=encoder.config, task=task_info,
                      head_state=result.model.head.state_dict())
         atomic_write_json(output_dir / "manifest.json", manifest)
         # weights first, config last: adapter_config.json marks a finished adapter
-        for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE):
+        for name in (ADAPTER_WEIGHTS_FILE, MODEL_CARD_FILE, ADAPTER_CONFIG_FILE):
             os.replace(adapter_tmp / name, output_dir / name)
         adapter_tmp.rmdir()
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in (result.dev_metrics or {}).items())

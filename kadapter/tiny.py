@@ -23,7 +23,13 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from kadapter.io import atomic_output_dir, atomic_write_json, fingerprint_of, read_json
+from kadapter.io import (
+    atomic_output_dir,
+    atomic_write_json,
+    fingerprint_of,
+    ordinary_permissions,
+    read_json,
+)
 
 TINY_SPEC = {
     "vocab_size": 6000,
@@ -166,3 +172,6 @@ def build_tiny_model(out_dir: str | Path, files: list[Path]) -> None:
         torch.manual_seed(TINY_SPEC["seed"])
         model = RobertaForMaskedLM(config)
     model.save_pretrained(str(out_dir))
+    for path in out_dir.iterdir():  # transformers' safetensors are written 0600
+        if path.is_file():
+            ordinary_permissions(path)

@@ -94,7 +94,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from kadapter.io import atomic_write_bytes, atomic_write_json, read_json
+from kadapter.io import atomic_write_bytes, atomic_write_json, ordinary_permissions, read_json
 
 MEGABATCH = 50  # batches per length-sorting window: big enough to group, small enough to mix
 CHECKPOINTS = "checkpoints"
@@ -635,6 +635,7 @@ def train(
                 best.mkdir(parents=True, exist_ok=True)
                 tmp = best / ".model.safetensors.tmp"
                 save_model(accelerator.unwrap_model(model), str(tmp))
+                ordinary_permissions(tmp)  # safetensors creates files 0600
                 os.replace(tmp, best / "model.safetensors")
             accelerator.wait_for_everyone()
 

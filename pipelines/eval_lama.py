@@ -45,12 +45,12 @@ from pipelines.common import run_stage
 def main(config: Config) -> dict[str, Any]:
     import orjson
     import torch
-    from safetensors.torch import save_file
 
     from kadapter import lama
     from kadapter.io import (
         InputError,
         atomic_output_dir,
+        atomic_save_safetensors,
         atomic_write_bytes,
         atomic_write_json,
         expand_inputs,
@@ -215,8 +215,8 @@ def main(config: Config) -> dict[str, Any]:
                 seed=config.seed, accelerator=accelerator, description="LAMA MLM mix")
             mixes = result.model.eval()
             shutil.rmtree(out / "mlm_head" / "checkpoints", ignore_errors=True)  # weights below
-            save_file({k: v.detach().cpu().contiguous() for k, v in mixes.state_dict().items()},
-                      str(out / "mlm_head" / "mix.safetensors"))
+            atomic_save_safetensors({k: v.detach().cpu().contiguous() for k, v in mixes.state_dict().items()},
+                                    out / "mlm_head" / "mix.safetensors")
             mlm_report = {"trained": True, "steps": result.global_step,
                           "train_blocks": len(train_blocks),
                           "dev_blocks": len(dev_blocks) if dev_blocks else 0,
