@@ -110,16 +110,31 @@ def resolve(name_or_path: str | Path, revision: str | None, *, config_file: str,
 def download(repo_id: str, revision: str | None, config_file: str,
              more_files: Callable[[dict[str, Any]], list[str]],
              optional_files: tuple[str, ...] = ()) -> Path:
-    """Fetch ``config_file``, then the files it names, of one commit; -> the snapshot dir."""
-    from huggingface_hub import hf_hub_download
+    """Fetch ``config_file``, then the files it names, of one commit; -> the snapshot dir.
+
+    One HEAD request without retries, bounded by ``HUB_TIMEOUT``, first decides whether the
+    Hub answers: ``hf_hub_download`` itself retries for minutes when nothing is cached.
+    When it does not, only the cache is used."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
+    # read at call time: huggingface_hub reads these environment variables once, at import
     is_offline = offline()
     cache_dir = os.environ.get("HF_HUB_CACHE") or None
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    probe_error: Exception | None = None
+    if not is_offline:
+        try:
+            get_hf_file_metadata(hf_hub_url(repo_id, config_file, revision=revision, endpoint=endpoint),
+                                 timeout=HUB_TIMEOUT, endpoint=endpoint)
+        except Exception as err:  # unreachable, timed out, not found, refused: the cache decides
+            probe_error = err
+    cache_only = is_offline or probe_error is not None
 
     def fetch(filename: str, rev: str | None) -> Path:
         return Path(hf_hub_download(repo_id, filename, revision=rev, cache_dir=cache_dir,
-                                    local_files_only=is_offline, etag_timeout=HUB_TIMEOUT))
+                                    endpoint=endpoint, local_files_only=cache_only,
+                                    etag_timeout=HUB_TIMEOUT))
 
     try:
         config_path = fetch(config_file, revision)
@@ -133,6 +148,7 @@ def download(repo_id: str, revision: str | None, config_file: str,
             except (EntryNotFoundError, LocalEntryNotFoundError):
                 pass
     except (HfHubHTTPError, LocalEntryNotFoundError, EntryNotFoundError, OSError, ValueError) as err:
+        err = probe_error or err  # why the Hub was not used says more than "not in the cache"
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         mode = " (HF_HUB_OFFLINE is set: the local cache only)" if is_offline else ""
         pin = f" --revision {revision}" if revision else ""

@@ -47,6 +47,7 @@ def main(config: Config) -> dict[str, Any]:
     import torch
 
     from kadapter import lama
+    from kadapter.hub import resolve_adapter
     from kadapter.io import (
         InputError,
         atomic_output_dir,
@@ -89,11 +90,11 @@ def main(config: Config) -> dict[str, Any]:
     encoder, lm_head = lama.split_masked_lm(masked_lm)
     hidden = encoder.config.hidden_size
 
-    adapter_dirs = {"fac": Path(cfg.fac_adapter), "lin": Path(cfg.lin_adapter)}
+    adapter_dirs = {"fac": cfg.fac_adapter, "lin": cfg.lin_adapter}
     needed = sorted({name for v in cfg.variants for name in lama.adapter_names(v)})
     adapters, adapter_inputs = {}, {}
     for name in needed:
-        directory = adapter_dirs[name]
+        directory = resolve_adapter(adapter_dirs[name])
         if not (directory / ADAPTER_CONFIG_FILE).is_file():
             raise FileNotFoundError(
                 f"the {name} adapter for variant(s) "
