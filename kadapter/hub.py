@@ -220,8 +220,10 @@ def render_card(facts: CardFacts) -> str:
     body = [
         f"# {facts.title}",
         "",
-        f"A K-Adapter {facts.kind} built with [kadapter](https://github.com/microsoft/K-Adapter) "
-        "(knowledge adapters beside a frozen pre-trained encoder).",
+        f"A {facts.kind} of kadapter, a reimplementation of K-Adapter "
+        "([Wang et al., 2021](https://arxiv.org/abs/2002.01808); original code "
+        "[microsoft/K-Adapter](https://github.com/microsoft/K-Adapter)): knowledge adapters "
+        "beside a frozen pre-trained encoder.",
         "",
         f"- Base model: `{facts.base_model}`, revision {revision}",
         f"- Task: `{facts.task}`",

@@ -596,6 +596,9 @@ def train(
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if main:
+            for path in tmp.rglob("*"):  # Accelerate's safetensors are written 0600
+                if path.is_file():
+                    ordinary_permissions(path)
             atomic_write_json(tmp / STATE_FILE, state)
             os.replace(tmp, final)
             complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
