@@ -471,4 +471,3 @@ def save_model_dir(directory: Path, config: Config, task_name: str, variant: str
         parameters={"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "total": count_parameters(model)})
     return save_finetuned(directory, model, tokenizer, info)
-
