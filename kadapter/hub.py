@@ -211,9 +211,12 @@ def render_card(facts: CardFacts) -> str:
                          tags=["kadapter", "k-adapter", facts.task,
                                "adapter" if facts.kind == "adapter" else "fine-tuned"])
     revision = facts.base_model_revision or "not recorded (loaded from local files)"
-    labels = facts.labels
-    label_text = "none (" + ("the head predicts positions" if labels is None else "no labels") + ")" \
-        if not labels else f"{len(labels)}: " + ", ".join(f"`{x}`" for x in labels)
+    if facts.labels:
+        label_text = f"{len(facts.labels)}: " + ", ".join(f"`{x}`" for x in facts.labels)
+    elif facts.task == "lin":
+        label_text = "none (the head points at each word's head position)"
+    else:
+        label_text = "none (the answer is one of each question's own choices)"
     metric_lines = [f"- {split}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in values.items())
                     for split, values in facts.metrics.items() if isinstance(values, dict) and values]
