@@ -31,6 +31,7 @@ from torch import nn
 
 from kadapter.config import Config, ConfigError, build, to_plain
 from kadapter.io import (
+    OUTPUT_MARKER,
     InputError,
     atomic_write_json,
     file_fingerprint,
@@ -51,6 +52,7 @@ from kadapter.training import (
 )
 
 ADAPTER_NAMES = ("fac", "lin")
+MODEL_DIR = "model"  # the run's loadable model directory (kadapter.inference.load_finetuned)
 # --adapters value -> (run directory name, row label of the results table)
 VARIANTS = {"none": ("encoder", "encoder"), "fac": ("fac", "+F"), "lin": ("lin", "+L"),
             "fac,lin": ("fac+lin", "+F+L")}
@@ -131,9 +133,10 @@ class FinetuneConfig:
     variants: list[str] = field(default_factory=lambda: ["none", "fac", "lin", "fac,lin"])
     """Variants run by pipelines.finetune_all (rows of the results table)."""
     fac_adapter: str = "runs/{preset}/fac-adapter"
-    """Directory of the factual adapter (written by pretraining, or any adapter directory)."""
+    """The factual adapter: a directory (written by pretraining or pipelines.convert_original)
+    or a Hub id (``owner/name``, ``owner/name@revision``)."""
     lin_adapter: str = "runs/{preset}/lin-adapter"
-    """Directory of the linguistic adapter."""
+    """The linguistic adapter: a directory or a Hub id."""
     combine: Literal["concat", "add"] = "concat"
     """How adapter outputs join the encoder's last state (kadapter.modeling.Combiner)."""
     adapter_dropout: bool = False
@@ -207,11 +210,19 @@ def run_dir(config: Config, task_name: str, variant: str) -> Path:
     return Path(config.finetune.output_dir) / task_name / VARIANTS[variant][0]
 
 
-def adapter_dirs(config: Config, variant: str) -> dict[str, Path]:
+def adapter_sources(config: Config, variant: str) -> dict[str, str]:
+    """Adapter name -> its configured directory or Hub id."""
     if variant == "none":
         return {}
     paths = {"fac": config.finetune.fac_adapter, "lin": config.finetune.lin_adapter}
-    return {name: Path(paths[name]) for name in variant.split(",")}
+    return {name: paths[name] for name in variant.split(",")}
+
+
+def adapter_dirs(config: Config, variant: str) -> dict[str, Path]:
+    """Adapter name -> local directory (a Hub id is fetched into the Hub cache)."""
+    from kadapter.hub import resolve_adapter
+
+    return {name: resolve_adapter(source) for name, source in adapter_sources(config, variant).items()}
 
 
 def data_files(task: Task, settings: TaskConfig, task_name: str) -> dict[str, Path]:
@@ -237,8 +248,10 @@ def run_fingerprint(config: Config, task_name: str, variant: str) -> str:
 
 
 def adapter_fingerprints(config: Config, variant: str) -> dict[str, list[dict[str, Any]]]:
-    """Every file of each adapter directory the variant loads, hashed."""
-    return {name: [file_fingerprint(p) for p in sorted(path.glob("*")) if p.is_file()]
+    """Every file of each adapter directory the variant loads, hashed (not the output
+    marker, which only says which stage wrote the directory)."""
+    return {name: [file_fingerprint(p) for p in sorted(path.glob("*"))
+                   if p.is_file() and p.name != OUTPUT_MARKER]
             for name, path in adapter_dirs(config, variant).items()}
 
 
@@ -547,8 +560,10 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "versions": versions(),
             "outputs": ["predictions.jsonl", "dev_predictions.jsonl", "metrics.json",
-                        "metrics.jsonl", "curves.png", "best/model.safetensors"],
+                        "metrics.jsonl", "curves.png", "best/model.safetensors", f"{MODEL_DIR}/"],
         })
+        save_model_dir(staging / MODEL_DIR, config, task_name, variant, result.model, tokenizer,
+                       data.labels, settings, summary, files)
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # resumable state, no longer needed
         replace_dir(staging, final, stage="finetune")
         print(f"{task_name} {VARIANTS[variant][1]}: dev {metric} {summary['dev'].get(metric)}, "
@@ -556,3 +571,23 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
     accelerator.wait_for_everyone()
     return summary
 
+
+def save_model_dir(directory: Path, config: Config, task_name: str, variant: str, model: nn.Module,
+                   tokenizer, labels: list[str], settings: TaskConfig, summary: dict[str, Any],
+                   files: dict[str, Path]) -> Path:
+    """The run's selected weights as a loadable model directory with a model card
+    (``kadapter.inference.load_finetuned``)."""
+    from kadapter.hub import model_revision
+    from kadapter.inference import finetuned_config, save_finetuned
+    from kadapter.modeling import count_parameters
+
+    base = config.model.name_or_path
+    info = finetuned_config(
+        task=task_name, variant=variant, labels=labels, settings=settings,
+        combine=config.finetune.combine, adapters=adapter_sources(config, variant),
+        base_model=base, base_model_revision=model_revision(model.kadapter.encoder.config._name_or_path),
+        tokenizer_name=base, metrics={split: summary[split] for split in ("dev", "test")},
+        data={split: file_fingerprint(path) for split, path in files.items()},
+        parameters={"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    "total": count_parameters(model)})
+    return save_finetuned(directory, model, tokenizer, info)

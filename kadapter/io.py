@@ -138,6 +138,28 @@ def claim_output_dir(directory: str | Path, stage: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     mark_output_dir(directory, stage)
     return directory
+def ordinary_permissions(path: str | Path) -> None:
+    """Give a written file the mode an ordinary ``open()`` would (0644 under umask 022):
+    safetensors and ``tempfile`` create files 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def atomic_save_safetensors(tensors: dict[str, Any], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` via a temporary sibling, with ordinary permissions."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        ordinary_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager

@@ -157,9 +157,9 @@ class LamaConfig:
         default_factory=lambda: list(VARIANTS))
     """Models to probe: the encoder alone, or K-Adapter with these adapters."""
     fac_adapter: str = "runs/{preset}/fac-adapter"
-    """The factual adapter's directory (``make pretrain-fac``)."""
+    """The factual adapter: its directory (``make pretrain-fac``) or a Hub id (``owner/name``)."""
     lin_adapter: str = "runs/{preset}/lin-adapter"
-    """The linguistic adapter's directory (``make pretrain-lin``)."""
+    """The linguistic adapter: its directory (``make pretrain-lin``) or a Hub id."""
     output_dir: str = "runs/{preset}/lama"
     """Where results.json, results.md, the plot and per-subset predictions go."""
     batch_size: int = 64

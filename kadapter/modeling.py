@@ -22,10 +22,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+from transformers.utils import ModelOutput
 
-from kadapter.io import atomic_output_dir, atomic_write_json, read_json
+from kadapter.io import atomic_output_dir, atomic_save_safetensors, atomic_write_json, read_json
 
 POSITION_CONVENTION = (
     "positions index the encoder's hidden_states tuple: 0 = embedding output, "
@@ -248,12 +249,15 @@ class Combiner(nn.Module):
 
 
 @dataclass
-class KAdapterOutput:
-    last_hidden_state: torch.Tensor
+class KAdapterOutput(ModelOutput):
+    """A ``transformers`` ModelOutput (a registered pytree node), so ``torch.export`` and
+    tracing accept the model's output."""
+
+    last_hidden_state: torch.Tensor | None = None
     """(B, T, H): the encoder's last hidden state."""
-    hidden_states: tuple[torch.Tensor, ...]
+    hidden_states: tuple[torch.Tensor, ...] | None = None
     """The encoder's hidden-states tuple (embeddings first)."""
-    adapter_outputs: dict[str, torch.Tensor]
+    adapter_outputs: dict[str, torch.Tensor] | None = None
     """Adapter name -> (B, T, H) adapter output."""
 
 
@@ -344,12 +348,18 @@ def save_adapter(
     encoder_config: Any,
     task: dict[str, Any],
     head_state: dict[str, torch.Tensor] | None = None,
+    base_model_revision: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``adapter_config.json`` + ``adapter.safetensors`` (adapter and head weights).
+    """Write ``adapter_config.json`` + ``adapter.safetensors`` (adapter and head weights)
+    + ``README.md`` (a model card with Hub metadata).
 
     ``task`` describes the pretraining task (name, label list, head settings); it is stored
-    verbatim so the head can be rebuilt. The directory is replaced atomically.
+    verbatim so the head can be rebuilt. ``extra`` adds top-level keys to the config (e.g.
+    ``converted_from``). The directory is replaced atomically.
     """
+    from kadapter.hub import adapter_card, model_revision, write_card
+
     tensors = {f"adapter.{k}": v for k, v in adapter.state_dict().items()}
     tensors.update({f"head.{k}": v for k, v in (head_state or {}).items()})
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -357,6 +367,8 @@ def save_adapter(
         "format": "kadapter-adapter",
         "format_version": FORMAT_VERSION,
         "base_model": base_model,
+        "base_model_revision": base_model_revision or model_revision(
+            getattr(encoder_config, "_name_or_path", "") or base_model),
         "encoder": {
             "model_type": getattr(encoder_config, "model_type", None),
             "hidden_size": encoder_config.hidden_size,
@@ -366,11 +378,13 @@ def save_adapter(
         "adapter": dataclasses.asdict(adapter.config),
         "parameters": count_parameters(adapter),
         "task": task,
+        **(extra or {}),
     }
     directory = Path(directory)
     with atomic_output_dir(directory, stage="adapter") as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+        atomic_save_safetensors(tensors, tmp / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
         atomic_write_json(tmp / ADAPTER_CONFIG_FILE, config)
+        write_card(tmp, adapter_card(config))
     return directory
 
 
@@ -403,10 +417,13 @@ def _config_section(config: dict[str, Any], key: str, path: Path) -> dict[str, A
     return value
 
 
-def load_adapter(directory: str | Path, encoder_config: Any) -> LoadedAdapter:
-    """Load an adapter directory for an encoder with ``encoder_config``; fail clearly on
-    a missing or corrupt file or on an encoder of another shape."""
-    directory = Path(directory)
+def load_adapter(directory: str | Path, encoder_config: Any, revision: str | None = None) -> LoadedAdapter:
+    """Load an adapter directory (or a Hub id: ``owner/name[@revision]``) for an encoder
+    with ``encoder_config``; fail clearly on a missing or corrupt file or on an encoder of
+    another shape."""
+    from kadapter.hub import resolve_adapter
+
+    directory = resolve_adapter(directory, revision)
     config = read_adapter_config(directory)
     config_path = directory / ADAPTER_CONFIG_FILE
     expected = _config_section(config, "encoder", config_path)

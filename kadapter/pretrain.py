@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kadapter.config import Config, ConfigError, to_plain
+from kadapter.hub import MODEL_CARD_FILE
 from kadapter.io import (
     InputError,
     atomic_output_dir,
@@ -541,12 +542,14 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
     }
     if main:
         task_info = {"name": task, "labels": labels, "max_length": section.max_length,
-                     "head": settings, "combiner": "concat", "dev_metrics": result.dev_metrics}
+                     "head": settings, "combiner": "concat", "dev_metrics": result.dev_metrics,
+                     "data": {"manifest_sha256": manifest["inputs"]["data_manifest"],
+                              "files": features["inputs"]}}
         adapter_tmp = staging / ".adapter"
         save_adapter(adapter_tmp, result.model.adapter, base_model=config.model.name_or_path,
                      encoder_config=encoder.config, task=task_info,
                      head_state=result.model.head.state_dict())
-        for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE):
+        for name in (ADAPTER_WEIGHTS_FILE, MODEL_CARD_FILE, ADAPTER_CONFIG_FILE):
             os.replace(adapter_tmp / name, staging / name)
         shutil.rmtree(adapter_tmp)
         atomic_write_json(staging / "manifest.json", manifest)

@@ -28,6 +28,7 @@ from kadapter.io import (
     atomic_write_json,
     fingerprint_of,
     mark_output_dir,
+    ordinary_permissions,
     read_json,
 )
 
@@ -174,3 +175,6 @@ def build_tiny_model(out_dir: str | Path, files: list[Path]) -> None:
         torch.manual_seed(TINY_SPEC["seed"])
         model = RobertaForMaskedLM(config)
     model.save_pretrained(str(out_dir))
+    for path in out_dir.iterdir():  # transformers' safetensors are written 0600
+        if path.is_file():
+            ordinary_permissions(path)

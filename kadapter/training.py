@@ -120,7 +120,13 @@ from torch import nn
 
 from kadapter.checkpoint import load_training_state, save_training_state
 from kadapter.config import ConfigError
-from kadapter.io import atomic_write_bytes, atomic_write_json, claim_output_dir, read_json
+from kadapter.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    claim_output_dir,
+    ordinary_permissions,
+    read_json,
+)
 from kadapter.precision import Precision, check_bf16, precision_for
 
 MEGABATCH = 50  # batches per length-sorting window: big enough to group, small enough to mix
@@ -884,6 +890,9 @@ def train(
         save_training_state(tmp, accelerator, model, optimizer, scheduler)
         accelerator.wait_for_everyone()
         if main:
+            for path in tmp.rglob("*"):  # safetensors writes files 0600
+                if path.is_file():
+                    ordinary_permissions(path)
             atomic_write_json(tmp / STATE_FILE, state)
             os.replace(tmp, final)
             complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
@@ -926,6 +935,7 @@ def train(
                 best.mkdir(parents=True, exist_ok=True)
                 tmp = best / ".model.safetensors.tmp"
                 save_model(accelerator.unwrap_model(model), str(tmp))
+                ordinary_permissions(tmp)  # safetensors creates files 0600
                 os.replace(tmp, best / "model.safetensors")
             accelerator.wait_for_everyone()
 

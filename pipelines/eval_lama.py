@@ -46,12 +46,13 @@ from pipelines.common import run_stage
 def main(config: Config) -> dict[str, Any]:
     import orjson
     import torch
-    from safetensors.torch import save_file
 
     from kadapter import lama
+    from kadapter.hub import resolve_adapter
     from kadapter.io import (
         InputError,
         atomic_output_dir,
+        atomic_save_safetensors,
         atomic_write_bytes,
         atomic_write_json,
         expand_inputs,
@@ -94,11 +95,11 @@ def main(config: Config) -> dict[str, Any]:
     encoder, lm_head = lama.split_masked_lm(masked_lm)
     hidden = encoder.config.hidden_size
 
-    adapter_dirs = {"fac": Path(cfg.fac_adapter), "lin": Path(cfg.lin_adapter)}
+    adapter_dirs = {"fac": cfg.fac_adapter, "lin": cfg.lin_adapter}
     needed = sorted({name for v in cfg.variants for name in lama.adapter_names(v)})
     adapters, adapter_inputs = {}, {}
     for name in needed:
-        directory = adapter_dirs[name]
+        directory = resolve_adapter(adapter_dirs[name])
         if not (directory / ADAPTER_CONFIG_FILE).is_file():
             raise FileNotFoundError(
                 f"the {name} adapter for variant(s) "
@@ -237,8 +238,8 @@ def main(config: Config) -> dict[str, Any]:
                 batch_key="lama.mlm_head.batch_size")
             mixes = result.model.eval()
             shutil.rmtree(out / "mlm_head" / "checkpoints", ignore_errors=True)  # weights below
-            save_file({k: v.detach().cpu().contiguous() for k, v in mixes.state_dict().items()},
-                      str(out / "mlm_head" / "mix.safetensors"))
+            atomic_save_safetensors({k: v.detach().cpu().contiguous() for k, v in mixes.state_dict().items()},
+                                    out / "mlm_head" / "mix.safetensors")
             mlm_report = {"trained": True, "steps": result.global_step,
                           "batch": {**result.batch.to_dict(),
                                     "examples_left_per_epoch": result.examples_left_per_epoch},

@@ -178,8 +178,9 @@ def test_lama_empty_facts_file_is_reported_not_probed(tmp_path):
     relations, _ = lama.read_trex(lama_dir(tmp_path, {"P17": fact_line("Paris", "France"),
                                                      "P19": b""}))
     assert lama.empty_relations(relations) == ["P19"]
-    results = {"preset": "t", "model": "m", "variants": ["encoder"], "person_name_filter": "-",
-               "subsets": {"trex": {"encoder": {"p@1": 0.5, "p@10": 1.0, "mrr@10": 0.7,
+    results = {"preset": "t", "model": "m", "variants": ["encoder"],
+               "person_name_filter": {"ran": False, "bert_model": None, "top_k": 10},
+               "subsets": {"trex": {"encoder": {"p@1": 0.5, "p@10": 1.0, "mrr": 0.7, "mrr@10": 0.7,
                                                 "relations": 1}}},
                "facts": {"trex": {"kept": 1, "read": 1, "dropped_by_reason": {},
                                   "relations_with_empty_facts_file": ["P19"]}}}
