@@ -32,6 +32,7 @@ from torch import nn
 from kadapter.config import Config, ConfigError, build, to_plain
 from kadapter.io import atomic_write_json, file_fingerprint, fingerprint_of, replace_dir, versions
 from kadapter.metrics import main_metric, score, score_file, write_predictions
+from kadapter.progress import progress
 from kadapter.tasks import TASKS, Encoded, Task, collate
 from kadapter.training import (
     TrainingConfig,
@@ -267,7 +268,8 @@ def prepare_data(task: Task, settings: TaskConfig, files: dict[str, Path], token
             kept.append(example)
         examples["train"] = kept
     encoded = {}
-    for split, split_examples in examples.items():
+    for split, split_examples in progress(list(examples.items()), desc=f"{task.name}: encode",
+                                          unit="split"):
         encoded[split] = task.encode(split_examples, tokenizer, labels, settings.max_length)
         counts[split] = {"examples": len(split_examples), "encoded": len(encoded[split].features),
                          "too_long": len(encoded[split].too_long)}

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kadapter.io import InputError, read_jsonl
+from kadapter.progress import progress
 from kadapter.training import PadCollator, TrainingConfig
 
 SUBSETS = ("google_re", "uhn_google_re", "trex", "uhn_trex")
@@ -545,7 +546,7 @@ def score_queries(model: nn.Module, lm_head: nn.Module, mixes: VariantMixes, var
     keys = sorted(slots, key=lambda key: len(key[0]))
     candidates = candidate_ids.to(device)
     results: dict[str, list[Any]] = {v: [None] * len(queries) for v in variants}
-    for start in range(0, len(keys), batch_size):
+    for start in progress(range(0, len(keys), batch_size), desc="LAMA scoring", unit="batch"):
         chunk = keys[start:start + batch_size]
         ids, mask = pad_batch([key[0] for key in chunk], pad_id)
         out = model(ids.to(device), mask.to(device))

@@ -85,6 +85,7 @@ from kadapter.modeling import (
     resolve_model_path,
     save_adapter,
 )
+from kadapter.progress import progress_chunks
 from kadapter.spans import gather_positions, mark_spans, span_mean, token_span
 from kadapter.training import FeatureTable, PadCollator, TrainingConfig, make_accelerator, train
 
@@ -166,7 +167,7 @@ def fac_features(path: Path, tokenizer, max_length: int, relations: list[str]
                  ) -> tuple[FeatureTable, dict[str, int]]:
     """T-REx-rc rows -> marked, tokenized examples with mention and marker positions."""
     out, counts = [], Counter()
-    for first, rows in read_rows(path, FAC_COLUMNS):
+    for first, rows in progress_chunks(read_rows(path, FAC_COLUMNS), desc=f"tokenize {path.name}"):
         marked = []
         for offset, row in enumerate(rows):
             index = first + offset
@@ -209,7 +210,7 @@ def lin_features(path: Path, tokenizer, max_length: int) -> tuple[FeatureTable, 
     from kadapter.deps import check_record, head_labels_batch
 
     out, counts = [], Counter()
-    for first, rows in read_rows(path, LIN_COLUMNS):
+    for first, rows in progress_chunks(read_rows(path, LIN_COLUMNS), desc=f"tokenize {path.name}"):
         for offset, row in enumerate(rows):
             try:
                 check_record(row, first + offset)

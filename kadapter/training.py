@@ -477,7 +477,8 @@ def train(
     """Train ``model`` on ``train_data``; see the module docstring for the contract."""
     from accelerate.utils import set_seed
     from safetensors.torch import load_model, save_model
-    from tqdm.auto import tqdm
+
+    from kadapter.progress import progress
 
     if dev_data is not None and (predict_fn is None or metrics_fn is None):
         raise ValueError("dev_data needs predict_fn and metrics_fn")
@@ -639,8 +640,8 @@ def train(
             accelerator.wait_for_everyone()
 
     # ---- the loop
-    bar = tqdm(total=total_steps, initial=state["step"], desc=description, disable=not main,
-               dynamic_ncols=True)
+    bar = progress(total=total_steps, initial=state["step"], desc=description, unit="step",
+                   disable=not main)
     model.train()
     window = new_window()  # since the last flush of token and time counters
     log_loss, log_count, log_tokens, log_seconds = 0.0, 0, 0, 0.0  # since the last log line

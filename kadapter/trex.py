@@ -364,7 +364,7 @@ def _scan_job(job: tuple) -> FileScan:
 def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
                   progress: bool = False) -> dict[str, Any]:
     """Run the whole stage; returns the manifest (also written to ``output_dir``)."""
-    from tqdm import tqdm
+    from kadapter.progress import progress as progress_bar
 
     paths = expand_inputs(config.input, suffixes=(".json",))
     exclude = frozenset(config.exclude_relations)
@@ -380,7 +380,7 @@ def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
         entity_counts: Counter = Counter()
         stats: Counter = Counter()
         candidates = 0
-        bar = tqdm(total=len(paths), desc="T-REx files", unit="file", disable=not progress)
+        bar = progress_bar(total=len(paths), desc="T-REx files", unit="file", disable=not progress)
         if config.workers > 1 and len(paths) > 1:
             pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(paths)))
             scans = pool.imap(_scan_job, jobs)

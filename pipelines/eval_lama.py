@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from kadapter.config import Config, to_plain
-from pipelines.common import run_stage
+
+from .common import run_stage
 
 
 def main(config: Config) -> dict[str, Any]:

@@ -29,7 +29,8 @@ import yaml
 
 from kadapter.config import Config
 from kadapter.io import atomic_write_bytes, read_json
-from pipelines.common import run_stage
+
+from .common import run_stage
 
 TASK_TITLES = {"typing": "OpenEntity", "figer": "FIGER", "tacred": "TACRED",
                "csqa": "CommonsenseQA", "cosmosqa": "CosmosQA"}
@@ -77,7 +78,7 @@ def main(config: Config) -> None:
                 print(f"{task} {VARIANTS[variant][1]}: up to date ({manifest.parent})")
                 continue
             if settings.launcher:
-                command = [*shlex.split(settings.launcher), "-m", "pipelines.finetune", "--config",
+                command = [*shlex.split(settings.launcher), "-m", f"{__package__}.finetune", "--config",
                            str(resolved), "--task", task, "--adapters", variant]
                 print("$ " + shlex.join(command), flush=True)
                 if subprocess.run(command).returncode != 0:
