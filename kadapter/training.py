@@ -83,7 +83,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,9 @@ class TrainingConfig:
     bf16: bool = True
     """On CUDA, run the trainable modules under bf16 autocast (fp32 master weights). CPU
     runs always use fp32."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers (kadapter/tracking.py): tensorboard (<run dir>/tensorboard/),
+    wandb, mlflow (when installed); they get the hyperparameters and every logged record."""
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accumulation": self.grad_accumulation,
@@ -488,6 +491,9 @@ def train(
         raise ValueError("frozen and frozen_forward go together")
     if len(train_data) == 0:
         raise ValueError("no training examples")
+    from kadapter.tracking import check_trackers
+
+    check_trackers(config.trackers)  # on every process, before any of them starts
     accelerator = accelerator or make_accelerator(config)
     main = accelerator.is_main_process
     device = accelerator.device
@@ -546,15 +552,17 @@ def train(
     accelerator.wait_for_everyone()
     resumed_from = state["step"] if checkpoint is not None else None
 
-    writer = None
+    trackers = None
     if main:
-        from torch.utils.tensorboard import SummaryWriter
+        from kadapter.config import to_plain
+        from kadapter.tracking import RunTrackers
 
         output_dir.mkdir(parents=True, exist_ok=True)
         records = [r for r in read_metrics(output_dir) if r["step"] <= state["step"]]
         atomic_write_bytes(output_dir / METRICS_FILE,
                            b"".join(orjson.dumps(r) + b"\n" for r in records))
-        writer = SummaryWriter(str(output_dir / "tensorboard"),
+        trackers = RunTrackers(config.trackers, output_dir, description,
+                               {**to_plain(config), "seed": seed, "processes": world},
                                purge_step=None if resumed_from is None else state["step"] + 1)
 
     def log(record: dict[str, Any]) -> None:
@@ -563,9 +571,9 @@ def train(
         with open(output_dir / METRICS_FILE, "ab") as handle:
             handle.write(orjson.dumps(record) + b"\n")
         prefix = record["kind"]
-        for key, value in record.items():
-            if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
-                writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+        trackers.log({f"{prefix}/{key}": value for key, value in record.items()
+                      if key not in ("kind", "step", "epoch") and isinstance(value, (int, float))},
+                     record["step"])
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -709,7 +717,7 @@ def train(
         load_model(plain, str(output_dir / BEST_DIR / "model.safetensors"), device=target)
         dev_metrics = state["best_metrics"]
     if main:
-        writer.close()
+        trackers.finish()
         plot_curves(read_metrics(output_dir), output_dir / CURVES_FILE, description)
     accelerator.wait_for_everyone()
     plain.eval()
