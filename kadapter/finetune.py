@@ -122,6 +122,11 @@ class FinetuneConfig:
     launch``); null or empty = run every task and variant in this process."""
     resume: bool = False
     """Continue an interrupted run from its latest checkpoint."""
+    seeds: list[int] | None = None
+    """pipelines.finetune_all: run every task and variant once per seed, each seed in its
+    own tree <output_dir>/seed-<n>/<task>/<variant>/; results.md and results.png then
+    show mean ± std over the seeds. None = one run with the preset's seed, in
+    <output_dir>/<task>/<variant>/."""
     typing: TaskConfig = _task("data/sample/openentity")
     """OpenEntity entity typing: a TaskConfig (its keys: kadapter/finetune.py and training.py);
     override one key as --finetune.typing.<key> value."""
@@ -145,6 +150,8 @@ class FinetuneConfig:
         for variant in self.variants:
             canonical_variant(variant)
         canonical_variant(self.adapters)
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {self.seeds}")
 
 
 def canonical_variant(adapters: str) -> str:
