@@ -35,9 +35,12 @@ from kadapter.metrics import main_metric, score, score_file, write_predictions
 from kadapter.progress import progress
 from kadapter.tasks import TASKS, Encoded, Task, collate
 from kadapter.training import (
+    CURVES_FILE,
     TrainingConfig,
     make_accelerator,
+    plot_curves,
     predict_in_order,
+    read_metrics,
     train,
 )
 
@@ -441,6 +444,9 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
             "outputs": ["predictions.jsonl", "dev_predictions.jsonl", "metrics.json",
                         "metrics.jsonl", "curves.png", "best/model.safetensors"],
         })
+        majority = majority_baseline(task, settings, files, "dev")  # the curves with the bar to beat
+        plot_curves(read_metrics(staging), staging / CURVES_FILE, f"{task_name} {VARIANTS[variant][1]}",
+                    baselines={k: v for k, v in majority.items() if k not in ("examples", "labelled")})
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # resumable state, no longer needed
         replace_dir(staging, final)
         print(f"{task_name} {VARIANTS[variant][1]}: dev {metric} {summary['dev'].get(metric)}, "

@@ -723,33 +723,86 @@ def relation_order(name: str) -> tuple[int, str]:
     return (int(name[1:]), "") if name[:1] == "P" and name[1:].isdigit() else (1 << 30, name)
 
 
-def plot_per_relation(results: dict[str, Any], path: str | Path) -> None:
-    """Bars of per-relation P@1: the encoder beside each K-Adapter variant, one panel per subset."""
+def relation_labels(lama_dir: str | Path) -> dict[str, str]:
+    """Relation id -> readable name: relations.jsonl's ``label`` (P19 -> place of birth),
+    Google-RE's file names in words (place_of_birth -> place of birth)."""
+    labels = {name: name.replace("_", " ") for name in GOOGLE_RE_TEMPLATES}
+    path = Path(lama_dir) / "relations.jsonl"
+    if path.is_file():
+        for _, record in read_jsonl(path):
+            if isinstance(record.get("relation"), str) and isinstance(record.get("label"), str):
+                labels[record["relation"]] = record["label"]
+    return labels
+
+
+def plot_per_relation(results: dict[str, Any], path: str | Path,
+                      labels: dict[str, str] | None = None) -> None:
+    """Bars of per-relation P@1: the encoder beside each K-Adapter variant, one panel per
+    subset; each bar's value printed on it, the axis scaled to the data, each P-id with
+    its relation's name (``labels``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = labels or {}
     subsets = [s for s in SUBSETS if s in results["subsets"]]
     variants = results["variants"]
-    fig, axes = plt.subplots(len(subsets), 1, figsize=(12, 3.2 * len(subsets)), squeeze=False)
+    fig, axes = plt.subplots(len(subsets), 1, figsize=(13, 3.8 * len(subsets)), squeeze=False)
     width = 0.8 / len(variants)
     for ax, subset in zip(axes[:, 0], subsets):
         per_variant = results["subsets"][subset]
         relations = sorted(per_variant[variants[0]]["per_relation"], key=relation_order)
+        top = 0.0
         for i, variant in enumerate(variants):
             values = [100 * per_variant[variant]["per_relation"][r]["p@1"] for r in relations]
-            ax.bar([x + (i - (len(variants) - 1) / 2) * width for x in range(len(relations))],
-                   values, width, label="encoder" if variant == "encoder" else f"K-Adapter ({variant})")
+            top = max([top, *values])
+            bars = ax.bar([x + (i - (len(variants) - 1) / 2) * width for x in range(len(relations))],
+                          values, width,
+                          label="encoder" if variant == "encoder" else f"K-Adapter ({variant})")
+            ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=6, padding=1)
         ax.set_xticks(range(len(relations)))
-        ax.set_xticklabels(relations, rotation=45, ha="right", fontsize=8)
-        ax.set_ylim(0, 100 if relations else 1)
+        ax.set_xticklabels([f"{r} {labels[r]}" if r in labels and labels[r] != r else r
+                            for r in relations], rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, max(1.0, min(100.0, top * 1.2)))
         ax.set_ylabel("P@1 (%)")
-        ax.set_title(f"{SUBSET_TITLES[subset]}: P@1 per relation")
-        ax.legend(fontsize=8)
+        ax.set_title(f"{SUBSET_TITLES[subset]}: P@1 per relation ({results['preset']} preset)")
+        ax.legend(fontsize=8, ncols=len(variants))
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
+
+
+def plot_mlm_curves(records: list[dict[str, Any]], path: str | Path) -> None:
+    """The MLM mix's training: dev MLM loss per variant (one line each, from the loop's
+    ``mlm_loss/<variant>`` records) against the optimizer step. The encoder's own head
+    is not trained: its line is the reference the mixes start from (they begin as the
+    identity) and should go below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    dev = [r for r in records if r["kind"] == "dev"]
+    names = sorted({k.split("/", 1)[1] for r in dev for k in r if k.startswith("mlm_loss/")},
+                   key=lambda n: (n != "encoder", n))
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name in names:
+        points = [(r["step"], r[f"mlm_loss/{name}"]) for r in dev if f"mlm_loss/{name}" in r]
+        axes.plot(*zip(*points), marker="o",
+                  **({"color": "black", "linestyle": "--", "label": "encoder (its own head, not trained)"}
+                     if name == "encoder" else {"label": f"K-Adapter ({name})"}))
+    axes.set(xlabel="optimizer step", ylabel="dev MLM loss (per masked token)",
+             title="LAMA: MLM mix per variant, dev loss")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if names:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    tmp.replace(path)
 
 
 def count_reasons(dropped: list[dict[str, Any]]) -> dict[str, int]:

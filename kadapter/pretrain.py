@@ -87,7 +87,16 @@ from kadapter.modeling import (
 )
 from kadapter.progress import progress_chunks
 from kadapter.spans import gather_positions, mark_spans, span_mean, token_span
-from kadapter.training import FeatureTable, PadCollator, TrainingConfig, make_accelerator, train
+from kadapter.training import (
+    CURVES_FILE,
+    FeatureTable,
+    PadCollator,
+    TrainingConfig,
+    make_accelerator,
+    plot_curves,
+    read_metrics,
+    train,
+)
 
 TASKS = ("fac", "lin")
 FEATURES_VERSION = 1  # bump when the feature code changes: old caches are then ignored
@@ -522,6 +531,9 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
         for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE):
             os.replace(adapter_tmp / name, output_dir / name)
         adapter_tmp.rmdir()
+        if baseline is not None:  # the curves again, with the majority class marked
+            plot_curves(read_metrics(output_dir), output_dir / CURVES_FILE, f"pretrain {task}",
+                        baselines={"accuracy": baseline["accuracy"]})
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in (result.dev_metrics or {}).items())
         line = f"{task} adapter -> {output_dir}: dev {metrics}"
         if baseline is not None:

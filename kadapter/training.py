@@ -409,12 +409,19 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
 
-def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """PNG: training loss (left) and every dev metric (right) against the optimizer step."""
+def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = "",
+                baselines: dict[str, float] | None = None) -> None:
+    """PNG: training loss (left) and every dev metric (right) against the optimizer step.
+
+    Metrics with identical values at every evaluation (accuracy and micro-F1 of
+    single-label classification) share one line ("accuracy = micro_f1"); ``baselines``
+    (metric -> value, e.g. the majority class's dev accuracy) are dashed lines.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     train_records = [r for r in records if r["kind"] == "train"]
     dev_records = [r for r in records if r["kind"] == "dev"]
@@ -422,12 +429,21 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = ""
     left.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], marker=".")
     left.set(xlabel="optimizer step", ylabel="training loss", title="loss")
     names = sorted({k for r in dev_records for k in r if k not in ("kind", "step", "epoch")})
+    series: dict[tuple, list[str]] = {}  # identical point lists -> the metrics that have them
     for name in names:
-        points = [(r["step"], r[name]) for r in dev_records if name in r]
-        right.plot(*zip(*points), marker="o", label=name)
+        points = tuple((r["step"], r[name]) for r in dev_records if name in r)
+        series.setdefault(points, []).append(name)
+    for points, same in series.items():
+        (line,) = right.plot(*zip(*points), marker="o", label=" = ".join(same))
+        for name in same:
+            if baselines and name in baselines:
+                right.axhline(baselines[name], color=line.get_color(), linestyle="--",
+                              linewidth=1, label=f"majority class ({name})")
     right.set(xlabel="optimizer step", title="dev metrics")
+    for axes in (left, right):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if names:
-        right.legend()
+        right.legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")

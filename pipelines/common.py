@@ -56,7 +56,7 @@ def _own_field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def usage(module: str, section: str, preset: Path | None = None) -> str:
+def usage(module: str, section: str | None, preset: Path | None = None) -> str:
     """Every key of ``section`` with its documentation, its code default and, when
     ``preset`` sets it, the preset's value (``--workers: 8 in configs/paper.yaml, default 1``)."""
     command = f"kadapter {module.rsplit('.', 1)[-1].replace('_', '-')}"
@@ -65,6 +65,11 @@ def usage(module: str, section: str, preset: Path | None = None) -> str:
         "",
         f"--config NAME|PATH  a preset file, or a shipped preset's name (default {DEFAULT_CONFIG})",
         "--print_config      print the resolved configuration (YAML) and exit",
+    ]
+    if section is None:
+        lines.append("Any key of the preset: --section.key value (values are YAML, booleans true / false).")
+        return "\n".join(lines)
+    lines += [
         f"Keys of section '{section}' (override with --key value, --key=value or --{section}.key value;",
         "other sections with --section.key value; values are YAML, booleans true / false):",
     ]
@@ -127,7 +132,7 @@ def take_option(argv: list[str], name: str) -> str | None:
     return None
 
 
-def parse_stage_args(module: str, section: str, argv: list[str] | None = None) -> Config:
+def parse_stage_args(module: str, section: str | None, argv: list[str] | None = None) -> Config:
     """``[--config NAME|PATH] [--key value ...]`` -> a validated Config. ``--help`` prints
     the keys (with the preset's values); ``--print_config`` prints the resolved config."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -144,7 +149,7 @@ def parse_stage_args(module: str, section: str, argv: list[str] | None = None) -
     return config
 
 
-def run_stage(module: str, section: str, main: Callable[[Config], object],
+def run_stage(module: str, section: str | None, main: Callable[[Config], object],
               argv: list[str] | None = None) -> None:
     """Parse the command line, run ``main(config)``; report user errors without a traceback."""
     # transformers' load reports and weight-loading bars drown a stage's own output.

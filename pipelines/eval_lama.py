@@ -70,7 +70,7 @@ def main(config: Config) -> dict[str, Any]:
         max_sequence_length,
         resolve_model_path,
     )
-    from kadapter.training import make_accelerator, train
+    from kadapter.training import make_accelerator, read_metrics, train
 
     cfg: lama.LamaConfig = config.lama
     started = time.perf_counter()
@@ -215,6 +215,8 @@ def main(config: Config) -> dict[str, Any]:
                 frozen=model, frozen_forward=frozen_forward, output_dir=out / "mlm_head",
                 seed=config.seed, accelerator=accelerator, description="LAMA MLM mix")
             mixes = result.model.eval()
+            # per-variant curves (the loop's own plot shows the loss summed over the variants)
+            lama.plot_mlm_curves(read_metrics(out / "mlm_head"), out / "mlm_head" / "curves.png")
             shutil.rmtree(out / "mlm_head" / "checkpoints", ignore_errors=True)  # weights below
             save_file({k: v.detach().cpu().contiguous() for k, v in mixes.state_dict().items()},
                       str(out / "mlm_head" / "mix.safetensors"))
@@ -266,7 +268,7 @@ def main(config: Config) -> dict[str, Any]:
         results["mlm_head"] = mlm_report
         atomic_write_json(out / "results.json", results)
         atomic_write_bytes(out / "results.md", lama.results_markdown(results).encode())
-        lama.plot_per_relation(results, out / "p_at_1.png")
+        lama.plot_per_relation(results, out / "p_at_1.png", lama.relation_labels(cfg.lama_dir))
         lap("write", clock)
         timings["total"] = round(time.perf_counter() - started, 3)
         atomic_write_json(out / "manifest.json", {
