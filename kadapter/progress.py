@@ -4,7 +4,8 @@ On a terminal, ``progress(...)`` is an ordinary tqdm bar. When the stream is not
 terminal (a log file, CI) it is the same tqdm object printing one plain line every
 ``KADAPTER_PROGRESS_SECONDS`` seconds (default 30), plus one at the start and one at the
 end: no carriage-return redraws, so a log holds a few lines per step instead of
-megabytes of redrawn bars.
+megabytes of redrawn bars. Processes other than the main one of a distributed launch
+show none.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class LineProgress(tqdm):
 
 def progress(iterable: Any = None, *, desc: str, total: float | None = None, unit: str = "it",
              disable: bool = False, file: Any = None, **kwargs: Any) -> tqdm:
-    """A tqdm bar on a terminal, plain timed lines elsewhere (see the module docstring)."""
+    """A tqdm bar on a terminal, plain timed lines elsewhere (see the module docstring).
+    Only the main process of a distributed launch (``RANK`` 0 or unset) shows progress."""
+    disable = disable or os.environ.get("RANK", "0") != "0"
     stream = file if file is not None else sys.stderr
     if getattr(stream, "isatty", lambda: False)():
         return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, file=stream,

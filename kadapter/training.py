@@ -425,7 +425,7 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = ""
 
     train_records = [r for r in records if r["kind"] == "train"]
     dev_records = [r for r in records if r["kind"] == "dev"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4), width_ratios=(1, 1.35))
     left.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], marker=".")
     left.set(xlabel="optimizer step", ylabel="training loss", title="loss")
     names = sorted({k for r in dev_records for k in r if k not in ("kind", "step", "epoch")})
@@ -442,8 +442,8 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = ""
     right.set(xlabel="optimizer step", title="dev metrics")
     for axes in (left, right):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if names:
-        right.legend(fontsize=8)
+    if names:  # beside the panel: the lines stay visible
+        right.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     figure.suptitle(title)
     figure.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")

@@ -109,20 +109,30 @@ def _run_cli(args, cwd, pythonpath):
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_console_command_from_another_directory(repo_root, tmp_path):
+def test_console_command_from_another_directory(repo_root, tmp_path, monkeypatch, capsys):
+    from kadapter.cli import main
+
     run = _run_cli(["data-trex", "--config", "sample",
                     "--input", str(repo_root / "data/sample/trex"),
                     "--output_dir", str(tmp_path / "trex_rc")], tmp_path, repo_root)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "trex_rc" / "manifest.json").is_file()
-    listing = _run_cli(["--help"], tmp_path, repo_root)
-    assert "data-trex" in listing.stdout and "eval-lama" in listing.stdout and "report" in listing.stdout
-    wrong = _run_cli(["pretrian"], tmp_path, repo_root)
-    assert wrong.returncode == 2 and "did you mean pretrain?" in wrong.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() sets it for the stage
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    listing = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert all(f"  {stage} " in listing for stage in ("data-trex", "pretrain", "eval-lama", "report"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrian"])
+    assert exit_info.value.code == 2 and "did you mean pretrain?" in capsys.readouterr().err
     # The sample's relative data paths resolve against the current directory: a clear error.
-    missing = _run_cli(["data-trex", "--config", "sample"], tmp_path, repo_root)
-    assert missing.returncode == 2
-    assert "data/sample/trex" in missing.stderr and "current directory" in missing.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data-trex", "--config", "sample"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "data/sample/trex" in error and "current directory" in error
 
 
 def test_wheel_ships_stages_and_presets_inside_the_package(repo_root, tmp_path):

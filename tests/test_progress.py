@@ -45,6 +45,11 @@ def test_terminal_gets_a_tqdm_bar_and_bad_interval_is_an_error(monkeypatch):
     bar.update(2)
     bar.close()
     assert "\r" in stream.getvalue()
+    other_rank = io.StringIO()
+    monkeypatch.setenv("RANK", "1")
+    progress(total=2, desc="t", file=other_rank).close()
+    assert other_rank.getvalue() == ""  # only the main process reports
+    monkeypatch.delenv("RANK")
     monkeypatch.setenv("KADAPTER_PROGRESS_SECONDS", "soon")
     with pytest.raises(ValueError, match="KADAPTER_PROGRESS_SECONDS must be a number"):
         progress(total=1, desc="x", file=io.StringIO())
