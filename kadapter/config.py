@@ -245,8 +245,8 @@ def _check_section_key(key: str, name: str, section: str) -> None:
     hint = did_you_mean(name, known, "--")
     if "." in key and hint:
         hint = hint.replace("?)", f"{key[len(name):]}?)")
-    raise ConfigError(f"command line: --{key}: {name!r} is neither a key of section "
-                      f"{section!r} nor a section{hint}")
+    raise ConfigError(f"command line: --{key}: unknown key(s) [{name!r}] for section "
+                      f"{section!r}, nor a section{hint}")
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
