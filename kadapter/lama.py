@@ -635,10 +635,12 @@ def text_blocks(paths: list[Path], tokenizer: Any, max_length: int) -> list[dict
 
 
 class MaskingCollator:
-    """Pads a batch of blocks and masks it for MLM (seeded, so a run repeats exactly)."""
+    """Pads a batch of blocks and masks it for MLM (seeded, so a run repeats exactly).
+    Blocks that carry their own ``labels`` (masked once by ``masked_once``) are only padded."""
 
     def __init__(self, tokenizer: Any, probability: float, seed: int):
         self.pad = PadCollator({"input_ids": tokenizer.pad_token_id})
+        self.pad_masked = PadCollator({"input_ids": tokenizer.pad_token_id, "labels": -100})
         self.mask_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids))
@@ -646,6 +648,8 @@ class MaskingCollator:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "labels" in items[0]:
+            return self.pad_masked(items)
         batch = self.pad(items)
         ids = batch["input_ids"]
         maskable = batch["attention_mask"].bool() & ~torch.isin(ids, self.special_ids)
@@ -658,6 +662,19 @@ class MaskingCollator:
         inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), replacement, inputs)
         labels = torch.where(chosen, ids, -100)
         return {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+def masked_once(blocks: list[dict[str, Any]], tokenizer: Any, probability: float, seed: int
+                ) -> list[dict[str, Any]]:
+    """Dev blocks masked once, with their own generator: every evaluation scores the same
+    masked positions (a curve of dev losses compares like with like), and evaluating
+    draws nothing from the training masks' generator."""
+    collator = MaskingCollator(tokenizer, probability, seed)
+    masked = []
+    for block in blocks:
+        batch = collator([block])
+        masked.append({"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()})
+    return masked
 
 
 def mlm_loss_sums(logits: dict[str, torch.Tensor], labels: torch.Tensor, rows: torch.Tensor,
@@ -762,8 +779,10 @@ def plot_per_relation(results: dict[str, Any], path: str | Path,
                           label="encoder" if variant == "encoder" else f"K-Adapter ({variant})")
             ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=6, padding=1)
         ax.set_xticks(range(len(relations)))
-        ax.set_xticklabels([f"{r} {labels[r]}" if r in labels and labels[r] != r else r
-                            for r in relations], rotation=30, ha="right", fontsize=8)
+        # a P-id with its name beside it (P19 place of birth); Google-RE's names alone
+        ax.set_xticklabels([f"{r} {labels[r]}" if r[:1] == "P" and r[1:].isdigit() and r in labels
+                            else labels.get(r, r) for r in relations],
+                           rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, max(1.0, min(100.0, top * 1.2)))
         ax.set_ylabel("P@1 (%)")
         ax.set_title(f"{SUBSET_TITLES[subset]}: P@1 per relation ({results['preset']} preset)")

@@ -182,7 +182,9 @@ def main(config: Config) -> dict[str, Any]:
             if head_cfg.dev_text:
                 dev_files = expand_inputs(head_cfg.dev_text)
                 text_files += dev_files
-                dev_blocks = lama.text_blocks(dev_files, tokenizer, head_cfg.max_length)
+                dev_blocks = lama.masked_once(
+                    lama.text_blocks(dev_files, tokenizer, head_cfg.max_length), tokenizer,
+                    head_cfg.mask_probability, config.seed + 1)
             print(f"MLM mix: {len(train_blocks)} training blocks of <= {head_cfg.max_length} "
                   f"tokens from {len(text_files)} file(s); variants {sorted(mixes.mixes)}")
 

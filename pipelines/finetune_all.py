@@ -269,7 +269,8 @@ def plot_results(runs: dict[tuple[str, str], Any], tasks: list[str], variants: l
                         yerr=errors if max(seed_counts) > 1 else None, capsize=3)
         axes.bar_label(bars, labels=[f"{m:.1f}" for m in means], fontsize=7, padding=2)
     labels = []
-    majority_label, paper_label = "majority (train)", "paper, RoBERTa-large (test)"
+    majority_label = "majority (train)"
+    paper_label = "paper, test (◇ on encoder: RoBERTa-large; on +F+L: K-Adapter)"
     for k, task in enumerate(tasks):
         metric = next(seeds[0]["main_metric"] for (t, _), seeds in runs.items() if t == task)
         split = reported_split(runs, task)

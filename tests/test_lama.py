@@ -690,3 +690,21 @@ def test_queries_beyond_the_position_table_are_dropped_not_crashed(tmp_path, rob
     (kept,) = [r for r in read_rows(tmp_path / "out/trex/encoder/predictions.jsonl")
                if r["relation"] == "P19"]
     assert kept["sub_label"].count("Einstein") == 56
+
+
+def test_dev_blocks_are_masked_once(tiny_model_dir):
+    """The MLM mix's dev loss compares like with like: the same masks at every evaluation,
+    and evaluating draws nothing from the training masks' generator."""
+    from kadapter.lama import MaskingCollator, masked_once
+    from kadapter.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    blocks = [{"input_ids": tokenizer("the cat sat on the mat " * 6)["input_ids"]} for _ in range(3)]
+    dev = masked_once(blocks, tokenizer, 0.3, seed=5)
+    assert dev == masked_once(blocks, tokenizer, 0.3, seed=5)
+    assert any(label != -100 for label in dev[0]["labels"])
+    collator = MaskingCollator(tokenizer, 0.3, seed=1)
+    first = collator(dev)
+    untouched = MaskingCollator(tokenizer, 0.3, seed=1)
+    assert first["labels"].tolist() == collator(dev)["labels"].tolist()  # same masks again
+    assert collator(blocks)["labels"].tolist() == untouched(blocks)["labels"].tolist()
