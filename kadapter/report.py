@@ -140,7 +140,7 @@ def _lama_section(config: Config, base: Path, wall: dict[str, Any]) -> list[str]
                      out / "mlm_head" / "metrics.jsonl")
     manifest = out / "manifest.json"
     if manifest.is_file():
-        wall["LAMA"] = read_json(manifest).get("timings", {}).get("total")
+        wall["LAMA"] = read_json(manifest).get("timings_s", {}).get("total")
     return lines
 
 
