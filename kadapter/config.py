@@ -246,7 +246,7 @@ def _check_section_key(key: str, name: str, section: str) -> None:
     if "." in key and hint:
         hint = hint.replace("?)", f"{key[len(name):]}?)")
     raise ConfigError(f"command line: --{key}: unknown key(s) [{name!r}] for section "
-                      f"{section!r}, nor a section{hint}")
+                      f"{section!r}{hint}")
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
