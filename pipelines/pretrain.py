@@ -24,10 +24,14 @@ from .common import run_stage
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="kadapter pretrain", add_help=False, allow_abbrev=False)
     parser.add_argument("--task", choices=("fac", "lin"))
-    parser.add_argument("--resume", default="false")  # true / false, like every boolean key
+    # true / false, like every boolean key; a bare --resume is an error (one syntax)
+    parser.add_argument("--resume", nargs="?", const=None, default="false")
     known, rest = parser.parse_known_args(argv)
+    if known.resume is None:
+        print("error: command line: --resume needs a value: true or false", file=sys.stderr)
+        raise SystemExit(2)
     if known.task is None:
         if any(a in ("-h", "--help") for a in rest):
             print(__doc__ + "\nKeys of a section: --task fac --help")

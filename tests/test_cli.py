@@ -72,9 +72,11 @@ def test_booleans_are_true_false_everywhere(repo_root, monkeypatch):
     entry.main(["--task=lin", "--resume=false"])
     entry.main(["--task", "fac"])
     assert calls == [("fac", True), ("lin", False), ("fac", False)]
-    with pytest.raises(SystemExit) as exit_info:
-        entry.main(["--task", "fac", "--resume", "maybe"])
-    assert exit_info.value.code == 2
+    for wrong in (["--resume", "maybe"], ["--resume"], ["--resume", "--max_steps", "2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            entry.main(["--task", "fac", *wrong])
+        assert exit_info.value.code == 2
+    assert calls == [("fac", True), ("lin", False), ("fac", False)]
 
 
 def test_help_shows_preset_values_beside_defaults(repo_root, monkeypatch, capsys):
