@@ -323,11 +323,12 @@ def resolve_preset(name_or_path: str) -> Path:
 
 
 def parse_bool(value: str, where: str) -> bool:
-    """``true`` / ``false`` (YAML's spelling, any case) -> bool; anything else is an error."""
-    parsed = yaml.safe_load(value) if isinstance(value, str) else value
-    if not isinstance(parsed, bool):
+    """``true`` / ``false`` (any case) -> bool; anything else is an error."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str) or value.strip().lower() not in ("true", "false"):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    return parsed
+    return value.strip().lower() == "true"
 
 
 def dataclass_defaults(cls: type) -> dict[str, Any]:
