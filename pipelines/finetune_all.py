@@ -250,7 +250,7 @@ def plot_results(runs: dict[tuple[str, str], Any], tasks: list[str], variants: l
 
     runs, baselines = _by_seed(runs), baselines or {}
     tasks = [task for task in tasks if any((task, variant) in runs for variant in variants)]
-    figure, axes = plt.subplots(figsize=(2.4 + 2.2 * len(tasks), 4.8))
+    figure, axes = plt.subplots(figsize=(max(8.0, 2.4 + 2.2 * len(tasks)), 4.8))
     width = 0.8 / max(len(variants), 1)
     seed_counts = {len(seeds) for seeds in runs.values()}
     offsets = {v: (i - (len(variants) - 1) / 2) * width for i, v in enumerate(variants)}
