@@ -1,5 +1,6 @@
 # kadapter: every target builds what it needs first; a second run redoes nothing current.
 #   make all            whole pipeline on PRESET (default: sample, runs on a laptop CPU)
+#   make report         runs/$(PRESET)/report.md: counts, metrics, figures, environment
 #   make test           the test suite
 #   PRESET=paper make pretrain-fac   roberta-large and the raw dumps (paths in configs/paper.yaml)
 
@@ -37,7 +38,7 @@ LAMA := $(RUNS)/lama/results.json
 
 .PHONY: all setup test lint data data-trex data-deps pretrain pretrain-fac pretrain-lin \
 	finetune finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred \
-	eval-lama bench tiny-model clean
+	eval-lama report bench tiny-model clean
 
 all: data pretrain finetune eval-lama
 
@@ -88,6 +89,10 @@ finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred: 
 eval-lama: $(LAMA)
 $(LAMA): $(FAC) $(LIN) $(MODEL_DEPS) $(CONFIG) $(LIB) $(SAMPLE) pipelines/eval_lama.py
 	$(PY) -m pipelines.eval_lama --config $(CONFIG)
+
+# runs/<preset>/report.md from what the stages wrote (run after make all; nothing is rerun)
+report: $(SETUP)
+	$(PY) -m pipelines.report --config $(CONFIG)
 
 bench: $(SETUP)
 	$(PY) benchmarks/trex_throughput.py

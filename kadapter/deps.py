@@ -42,7 +42,6 @@ from typing import Any, Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from kadapter.config import to_plain
 from kadapter.io import (
@@ -54,6 +53,7 @@ from kadapter.io import (
     split_of,
     versions,
 )
+from kadapter.progress import progress as progress_bar
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "dev")
@@ -495,7 +495,7 @@ def build_deps(config: DepsConfig, seed: int) -> dict[str, Any]:
     kept = 0
     with atomic_output_dir(config.output_dir, stage="data_deps") as tmp, \
             closing(parsed_lines(files, config)) as lines, \
-            tqdm(total=config.max_sentences, unit="sent", desc="parse", disable=None) as progress:
+            progress_bar(total=config.max_sentences, unit="sent", desc="parse") as progress:
         writers = {split: SplitWriter(tmp / f"{split}.parquet") for split in SPLITS}
         for line, sentences in lines:
             lines_seen["read"] += 1

@@ -41,13 +41,17 @@ from kadapter.io import (
 )
 from kadapter.metrics import main_metric, score, score_file, write_predictions
 from kadapter.precision import check_bf16
+from kadapter.progress import progress
 from kadapter.tasks import TASKS, BadRecord, Encoded, SkippedRecords, Task, collate
 from kadapter.training import (
+    CURVES_FILE,
     TrainingConfig,
     batch_plan,
     make_accelerator,
+    plot_curves,
     precision_of,
     predict_in_order,
+    read_metrics,
     train,
 )
 
@@ -157,6 +161,11 @@ class FinetuneConfig:
     """Mixed precision of every task whose own ``bf16`` is ``auto``: true = bf16 autocast
     on any device, false = none, auto = Accelerate's setting or the device's
     (kadapter/precision.py). The encoder trains with fp32 master weights either way."""
+    seeds: list[int] | None = None
+    """pipelines.finetune_all: run every task and variant once per seed, each seed in its
+    own tree <output_dir>/seed-<n>/<task>/<variant>/; results.md and results.png then
+    show mean ± std over the seeds. None = one run with the preset's seed, in
+    <output_dir>/<task>/<variant>/."""
     typing: TaskConfig = _task("data/sample/openentity")
     """OpenEntity entity typing: a TaskConfig (its keys: kadapter/finetune.py and training.py);
     override one key as --finetune.typing.<key> value."""
@@ -181,6 +190,8 @@ class FinetuneConfig:
             canonical_variant(variant)
         canonical_variant(self.adapters)
         check_bf16(self.bf16)
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {self.seeds}")
 
 
 def canonical_variant(adapters: str) -> str:
@@ -381,7 +392,8 @@ def prepare_data(task: Task, settings: TaskConfig, files: dict[str, Path], token
             kept.append(example)
         examples["train"] = kept
     encoded = {}
-    for split, split_examples in examples.items():
+    for split, split_examples in progress(list(examples.items()), desc=f"{task.name}: encode",
+                                          unit="split"):
         encoded[split] = task.encode(split_examples, tokenizer, labels, settings.max_length)
         counts[split] = {"examples": len(split_examples), "encoded": len(encoded[split].features),
                          "too_long": len(encoded[split].too_long)}
@@ -562,6 +574,9 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
             "outputs": ["predictions.jsonl", "dev_predictions.jsonl", "metrics.json",
                         "metrics.jsonl", "curves.png", "best/model.safetensors", f"{MODEL_DIR}/"],
         })
+        majority = majority_baseline(task, settings, files, "dev")  # the curves with the bar to beat
+        plot_curves(read_metrics(staging), staging / CURVES_FILE, f"{task_name} {VARIANTS[variant][1]}",
+                    baselines={k: v for k, v in majority.items() if k not in ("examples", "labelled")})
         save_model_dir(staging / MODEL_DIR, config, task_name, variant, result.model, tokenizer,
                        data.labels, settings, summary, files)
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # resumable state, no longer needed

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kadapter.io import InputError, read_jsonl
+from kadapter.progress import progress
 from kadapter.training import PadCollator, TrainingConfig
 
 SUBSETS = ("google_re", "uhn_google_re", "trex", "uhn_trex")
@@ -589,7 +590,7 @@ def score_queries(model: nn.Module, lm_head: nn.Module, mixes: VariantMixes, var
     keys = sorted(slots, key=lambda key: len(key[0]))
     candidates = candidate_ids.to(device)
     results: dict[str, list[Any]] = {v: [None] * len(queries) for v in variants}
-    for start in range(0, len(keys), batch_size):
+    for start in progress(range(0, len(keys), batch_size), desc="LAMA scoring", unit="batch"):
         chunk = keys[start:start + batch_size]
         ids, mask = pad_batch([key[0] for key in chunk], pad_id)
         out = model(ids.to(device), mask.to(device))
@@ -686,10 +687,12 @@ def text_blocks(paths: list[Path], tokenizer: Any, max_length: int) -> list[dict
 class MaskingCollator:
     """Pads a batch of blocks and masks it for MLM (seeded, so a run repeats exactly).
     Besides ``input_ids``, ``attention_mask`` and ``labels`` (-100 where not masked) it
-    returns ``masked_rows`` / ``masked_cols``: the masked positions in row-major order."""
+    returns ``masked_rows`` / ``masked_cols``: the masked positions in row-major order.
+    Blocks that carry their own ``labels`` (masked once by ``masked_once``) are only padded."""
 
     def __init__(self, tokenizer: Any, probability: float, seed: int):
         self.pad = PadCollator({"input_ids": tokenizer.pad_token_id})
+        self.pad_masked = PadCollator({"input_ids": tokenizer.pad_token_id, "labels": -100})
         self.mask_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids))
@@ -697,6 +700,10 @@ class MaskingCollator:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "labels" in items[0]:
+            batch = self.pad_masked(items)
+            rows, cols = (batch["labels"] != -100).nonzero().unbind(1)
+            return {**batch, "masked_rows": rows, "masked_cols": cols}
         batch = self.pad(items)
         ids = batch["input_ids"]
         maskable = batch["attention_mask"].bool() & ~torch.isin(ids, self.special_ids)
@@ -713,6 +720,19 @@ class MaskingCollator:
         rows, cols = chosen.nonzero().unbind(1)
         return {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels,
                 "masked_rows": rows, "masked_cols": cols}
+
+
+def masked_once(blocks: list[dict[str, Any]], tokenizer: Any, probability: float, seed: int
+                ) -> list[dict[str, Any]]:
+    """Dev blocks masked once, with their own generator: every evaluation scores the same
+    masked positions (a curve of dev losses compares like with like), and evaluating
+    draws nothing from the training masks' generator."""
+    collator = MaskingCollator(tokenizer, probability, seed)
+    masked = []
+    for block in blocks:
+        batch = collator([block])
+        masked.append({"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()})
+    return masked
 
 
 def mlm_loss_sums(logits: dict[str, torch.Tensor], labels: torch.Tensor, rows: torch.Tensor,
@@ -798,33 +818,88 @@ def relation_order(name: str) -> tuple[int, str]:
     return (int(name[1:]), "") if name[:1] == "P" and name[1:].isdigit() else (1 << 30, name)
 
 
-def plot_per_relation(results: dict[str, Any], path: str | Path) -> None:
-    """Bars of per-relation P@1: the encoder beside each K-Adapter variant, one panel per subset."""
+def relation_labels(lama_dir: str | Path) -> dict[str, str]:
+    """Relation id -> readable name: relations.jsonl's ``label`` (P19 -> place of birth),
+    Google-RE's file names in words (place_of_birth -> place of birth)."""
+    labels = {name: name.replace("_", " ") for name in GOOGLE_RE_TEMPLATES}
+    path = Path(lama_dir) / "relations.jsonl"
+    if path.is_file():
+        for _, record in read_jsonl(path):
+            if isinstance(record.get("relation"), str) and isinstance(record.get("label"), str):
+                labels[record["relation"]] = record["label"]
+    return labels
+
+
+def plot_per_relation(results: dict[str, Any], path: str | Path,
+                      labels: dict[str, str] | None = None) -> None:
+    """Bars of per-relation P@1: the encoder beside each K-Adapter variant, one panel per
+    subset; each bar's value printed on it, the axis scaled to the data, each P-id with
+    its relation's name (``labels``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = labels or {}
     subsets = [s for s in SUBSETS if s in results["subsets"]]
     variants = results["variants"]
-    fig, axes = plt.subplots(len(subsets), 1, figsize=(12, 3.2 * len(subsets)), squeeze=False)
+    fig, axes = plt.subplots(len(subsets), 1, figsize=(13, 3.8 * len(subsets)), squeeze=False)
     width = 0.8 / len(variants)
     for ax, subset in zip(axes[:, 0], subsets):
         per_variant = results["subsets"][subset]
         relations = sorted(per_variant[variants[0]]["per_relation"], key=relation_order)
+        top = 0.0
         for i, variant in enumerate(variants):
             values = [100 * per_variant[variant]["per_relation"][r]["p@1"] for r in relations]
-            ax.bar([x + (i - (len(variants) - 1) / 2) * width for x in range(len(relations))],
-                   values, width, label="encoder" if variant == "encoder" else f"K-Adapter ({variant})")
+            top = max([top, *values])
+            bars = ax.bar([x + (i - (len(variants) - 1) / 2) * width for x in range(len(relations))],
+                          values, width,
+                          label="encoder" if variant == "encoder" else f"K-Adapter ({variant})")
+            ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=6, padding=1)
         ax.set_xticks(range(len(relations)))
-        ax.set_xticklabels(relations, rotation=45, ha="right", fontsize=8)
-        ax.set_ylim(0, 100 if relations else 1)
+        # a P-id with its name beside it (P19 place of birth); Google-RE's names alone
+        ax.set_xticklabels([f"{r} {labels[r]}" if r[:1] == "P" and r[1:].isdigit() and r in labels
+                            else labels.get(r, r) for r in relations],
+                           rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, max(1.0, min(100.0, top * 1.2)))
         ax.set_ylabel("P@1 (%)")
-        ax.set_title(f"{SUBSET_TITLES[subset]}: P@1 per relation")
-        ax.legend(fontsize=8)
+        ax.set_title(f"{SUBSET_TITLES[subset]}: P@1 per relation ({results['preset']} preset)")
+        ax.legend(fontsize=8, ncols=len(variants))
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
+
+
+def plot_mlm_curves(records: list[dict[str, Any]], path: str | Path) -> None:
+    """The MLM mix's training: dev MLM loss per variant (one line each, from the loop's
+    ``mlm_loss/<variant>`` records) against the optimizer step. The encoder's own head
+    is not trained: its line is the reference the mixes start from (they begin as the
+    identity) and should go below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    dev = [r for r in records if r["kind"] == "dev"]
+    names = sorted({k.split("/", 1)[1] for r in dev for k in r if k.startswith("mlm_loss/")},
+                   key=lambda n: (n != "encoder", n))
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name in names:
+        points = [(r["step"], r[f"mlm_loss/{name}"]) for r in dev if f"mlm_loss/{name}" in r]
+        axes.plot(*zip(*points), marker="o",
+                  **({"color": "black", "linestyle": "--", "label": "encoder (its own head, not trained)"}
+                     if name == "encoder" else {"label": f"K-Adapter ({name})"}))
+    axes.set(xlabel="optimizer step", ylabel="dev MLM loss (per masked token)",
+             title="LAMA: MLM mix per variant, dev loss")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if names:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    tmp.replace(path)
 
 
 def count_reasons(dropped: list[dict[str, Any]]) -> dict[str, int]:

@@ -92,14 +92,18 @@ from kadapter.modeling import (
     resolve_model_path,
     save_adapter,
 )
+from kadapter.progress import progress_chunks
 from kadapter.spans import gather_positions, mark_spans, span_mean, token_span
 from kadapter.training import (
+    CURVES_FILE,
     FeatureTable,
     PadCollator,
     TrainingConfig,
     batch_plan,
     make_accelerator,
+    plot_curves,
     precision_of,
+    read_metrics,
     train,
 )
 
@@ -181,7 +185,7 @@ def fac_features(path: Path, tokenizer, max_length: int, relations: list[str]
                  ) -> tuple[FeatureTable, dict[str, int]]:
     """T-REx-rc rows -> marked, tokenized examples with mention and marker positions."""
     out, counts = [], Counter()
-    for first, rows in read_rows(path, FAC_COLUMNS):
+    for first, rows in progress_chunks(read_rows(path, FAC_COLUMNS), desc=f"tokenize {path.name}"):
         marked = []
         for offset, row in enumerate(rows):
             index = first + offset
@@ -224,7 +228,7 @@ def lin_features(path: Path, tokenizer, max_length: int) -> tuple[FeatureTable, 
     from kadapter.deps import check_record, head_labels_batch
 
     out, counts = [], Counter()
-    for first, rows in read_rows(path, LIN_COLUMNS):
+    for first, rows in progress_chunks(read_rows(path, LIN_COLUMNS), desc=f"tokenize {path.name}"):
         for offset, row in enumerate(rows):
             try:
                 check_record(row, first + offset)
@@ -553,6 +557,9 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
             os.replace(adapter_tmp / name, staging / name)
         shutil.rmtree(adapter_tmp)
         atomic_write_json(staging / "manifest.json", manifest)
+        if baseline is not None:  # the curves again, with the majority class marked
+            plot_curves(read_metrics(staging), staging / CURVES_FILE, f"pretrain {task}",
+                        baselines={"accuracy": baseline["accuracy"]})
         replace_dir(staging, output_dir, stage="pretrain")
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in (result.dev_metrics or {}).items())
         line = f"{task} adapter -> {output_dir}: dev {metrics}"

@@ -107,7 +107,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,6 +200,9 @@ class TrainingConfig:
     resume_with_changed_config: bool = False
     """On resume, accept a checkpoint whose training config differs from this one (the
     changed keys are recorded in the manifest); False = refuse, naming the keys."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers (kadapter/tracking.py): tensorboard (<run dir>/tensorboard/),
+    wandb, mlflow (when installed); they get the hyperparameters and every logged record."""
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accumulation": self.grad_accumulation,
@@ -650,25 +653,41 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
 
-def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """PNG: training loss (left) and every dev metric (right) against the optimizer step."""
+def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = "",
+                baselines: dict[str, float] | None = None) -> None:
+    """PNG: training loss (left) and every dev metric (right) against the optimizer step.
+
+    Metrics with identical values at every evaluation (accuracy and micro-F1 of
+    single-label classification) share one line ("accuracy = micro_f1"); ``baselines``
+    (metric -> value, e.g. the majority class's dev accuracy) are dashed lines.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     train_records = [r for r in records if r["kind"] == "train"]
     dev_records = [r for r in records if r["kind"] == "dev"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4), width_ratios=(1, 1.35))
     left.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], marker=".")
     left.set(xlabel="optimizer step", ylabel="training loss", title="loss")
     names = sorted({k for r in dev_records for k in r if k not in RECORD_KEYS})
+    series: dict[tuple, list[str]] = {}  # identical point lists -> the metrics that have them
     for name in names:
-        points = [(r["step"], r[name]) for r in dev_records if name in r]
-        right.plot(*zip(*points), marker="o", label=name)
+        points = tuple((r["step"], r[name]) for r in dev_records if name in r)
+        series.setdefault(points, []).append(name)
+    for points, same in series.items():
+        (line,) = right.plot(*zip(*points), marker="o", label=" = ".join(same))
+        for name in same:
+            if baselines and name in baselines:
+                right.axhline(baselines[name], color=line.get_color(), linestyle="--",
+                              linewidth=1, label=f"majority class ({name})")
     right.set(xlabel="optimizer step", title="dev metrics")
-    if names:
-        right.legend()
+    for axes in (left, right):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if names:  # beside the panel: the lines stay visible
+        right.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     figure.suptitle(title)
     figure.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
@@ -753,7 +772,8 @@ def train(
     ``batch_key`` names ``config.batch_size`` in errors (e.g. ``pretrain_fac.batch_size``)."""
     from accelerate.utils import set_seed
     from safetensors.torch import load_model, save_model
-    from tqdm.auto import tqdm
+
+    from kadapter.progress import progress
 
     if dev_data is not None and (predict_fn is None or metrics_fn is None):
         raise ValueError("dev_data needs predict_fn and metrics_fn")
@@ -763,6 +783,9 @@ def train(
         raise ValueError("frozen and frozen_forward go together")
     if len(train_data) == 0:
         raise ValueError("no training examples")
+    from kadapter.tracking import check_trackers
+
+    check_trackers(config.trackers)  # on every process, before any of them starts
     accelerator = accelerator or make_accelerator(config)
     main = accelerator.is_main_process
     device = accelerator.device
@@ -831,15 +854,17 @@ def train(
     accelerator.wait_for_everyone()
     resumed_from = state["step"] if checkpoint is not None else None
 
-    writer = None
+    trackers = None
     if main:
-        from torch.utils.tensorboard import SummaryWriter
+        from kadapter.config import to_plain
+        from kadapter.tracking import RunTrackers
 
         output_dir.mkdir(parents=True, exist_ok=True)
         records = [r for r in read_metrics(output_dir) if r["step"] <= state["step"]]
         atomic_write_bytes(output_dir / METRICS_FILE,
                            b"".join(orjson.dumps(r) + b"\n" for r in records))
-        writer = SummaryWriter(str(output_dir / "tensorboard"),
+        trackers = RunTrackers(config.trackers, output_dir, description,
+                               {**to_plain(config), "seed": seed, "processes": world},
                                purge_step=None if resumed_from is None else state["step"] + 1)
 
     def log(record: dict[str, Any]) -> None:
@@ -848,9 +873,9 @@ def train(
         with open(output_dir / METRICS_FILE, "ab") as handle:
             handle.write(orjson.dumps(record) + b"\n")
         prefix = record["kind"]
-        for key, value in record.items():
-            if key not in RECORD_KEYS and isinstance(value, (int, float)):
-                writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+        trackers.log({f"{prefix}/{key}": value for key, value in record.items()
+                      if key not in RECORD_KEYS and isinstance(value, (int, float))},
+                     record["step"])
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -940,8 +965,8 @@ def train(
             accelerator.wait_for_everyone()
 
     # ---- the loop
-    bar = tqdm(total=total_steps, initial=state["step"], desc=description, disable=not main,
-               dynamic_ncols=True)
+    bar = progress(total=total_steps, initial=state["step"], desc=description, unit="step",
+                   disable=not main)
     model.train()
     window = new_window()  # since the last flush of token and time counters
     log_loss, log_count, log_tokens, log_seconds = 0.0, 0, 0, 0.0  # since the last log line
@@ -1024,7 +1049,7 @@ def train(
         if state["best_step"] != state["step"]:  # else the final, whole-dev metrics
             dev_metrics = state["best_metrics"]
     if main:
-        writer.close()
+        trackers.finish()
         plot_curves(read_metrics(output_dir), output_dir / CURVES_FILE, description)
     accelerator.wait_for_everyone()
     plain.eval()

@@ -420,9 +420,9 @@ def _first_pass(jobs: list[tuple], skips: dict[int, frozenset[str]], config: Tre
     candidates = 0
     docids: list[tuple[np.ndarray, np.ndarray]] = []
     jobs = [(*job, skips.get(i, frozenset())) for i, job in enumerate(jobs)]
-    from tqdm import tqdm
+    from kadapter.progress import progress as progress_bar
 
-    bar = tqdm(total=len(jobs), desc="T-REx files", unit="file", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="T-REx files", unit="file", disable=not progress)
     if config.workers > 1 and len(jobs) > 1:
         pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(jobs)))
         scans = pool.imap(_scan_job, jobs)

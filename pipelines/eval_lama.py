@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from kadapter.config import Config, to_plain
-from pipelines.common import run_stage
+
+from .common import run_stage
 
 
 def main(config: Config) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def main(config: Config) -> dict[str, Any]:
         max_sequence_length,
         resolve_model_path,
     )
-    from kadapter.training import batch_plan, make_accelerator, precision_of, train
+    from kadapter.training import batch_plan, make_accelerator, precision_of, read_metrics, train
 
     cfg: lama.LamaConfig = config.lama
     started = time.perf_counter()
@@ -202,7 +203,9 @@ def main(config: Config) -> dict[str, Any]:
             if head_cfg.dev_text:
                 dev_files = expand_inputs(head_cfg.dev_text)
                 text_files += dev_files
-                dev_blocks = lama.text_blocks(dev_files, tokenizer, head_cfg.max_length)
+                dev_blocks = lama.masked_once(
+                    lama.text_blocks(dev_files, tokenizer, head_cfg.max_length), tokenizer,
+                    head_cfg.mask_probability, config.seed + 1)
             print(f"MLM mix: {len(train_blocks)} training blocks of <= {head_cfg.max_length} "
                   f"tokens from {len(text_files)} file(s); variants {sorted(mixes.mixes)}")
 
@@ -237,6 +240,8 @@ def main(config: Config) -> dict[str, Any]:
                 seed=config.seed, accelerator=accelerator, description="LAMA MLM mix",
                 batch_key="lama.mlm_head.batch_size")
             mixes = result.model.eval()
+            # per-variant curves (the loop's own plot shows the loss summed over the variants)
+            lama.plot_mlm_curves(read_metrics(out / "mlm_head"), out / "mlm_head" / "curves.png")
             shutil.rmtree(out / "mlm_head" / "checkpoints", ignore_errors=True)  # weights below
             atomic_save_safetensors({k: v.detach().cpu().contiguous() for k, v in mixes.state_dict().items()},
                                     out / "mlm_head" / "mix.safetensors")
@@ -292,7 +297,7 @@ def main(config: Config) -> dict[str, Any]:
         results["mlm_head"] = mlm_report
         atomic_write_json(out / "results.json", results)
         atomic_write_bytes(out / "results.md", lama.results_markdown(results).encode())
-        lama.plot_per_relation(results, out / "p_at_1.png")
+        lama.plot_per_relation(results, out / "p_at_1.png", lama.relation_labels(cfg.lama_dir))
         lap("write", clock)
         timings["total"] = round(time.perf_counter() - started, 3)
         atomic_write_json(out / "manifest.json", {

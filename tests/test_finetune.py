@@ -221,7 +221,7 @@ def test_results_table_reports_dev_where_test_is_unlabelled():
     baselines = {"tacred": {"test": {"precision": 1.0, "recall": 0.0, "f1": 0.0}, "dev": {}},
                  "csqa": {"test": {"examples": 4, "labelled": 0}, "dev": {"accuracy": 0.25}}}
     table = results_markdown(runs, ["tacred", "csqa"], ["none", "fac"], "x", baselines)
-    assert "| majority (train) | 100.00 | 0.00 | 0.00 | 25.00 |" in table
+    assert "| majority (train) | 100.00 † | 0.00 | 0.00 | 25.00 |" in table
     assert "| majority (train) | – | – | – | 25.00 |" in table
     assert "TACRED test, CommonsenseQA dev" in table
     assert "| encoder | 100.00 | 50.00 | 66.67 | 75.00 |" in table

@@ -730,3 +730,19 @@ def test_a_configured_bert_model_that_is_missing_is_a_clear_error(tmp_path, robe
                                       subsets=["uhn_trex"], bert_model=str(tmp_path / "no/bert")))
     with pytest.raises(ModelNotAvailable, match=r"lama.bert_model .*person-name filter.*--lama.bert_model null"):
         main(config)
+def test_dev_blocks_are_masked_once(tiny_model_dir):
+    """The MLM mix's dev loss compares like with like: the same masks at every evaluation,
+    and evaluating draws nothing from the training masks' generator."""
+    from kadapter.lama import MaskingCollator, masked_once
+    from kadapter.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    blocks = [{"input_ids": tokenizer("the cat sat on the mat " * 6)["input_ids"]} for _ in range(3)]
+    dev = masked_once(blocks, tokenizer, 0.3, seed=5)
+    assert dev == masked_once(blocks, tokenizer, 0.3, seed=5)
+    assert any(label != -100 for label in dev[0]["labels"])
+    collator = MaskingCollator(tokenizer, 0.3, seed=1)
+    first = collator(dev)
+    untouched = MaskingCollator(tokenizer, 0.3, seed=1)
+    assert first["labels"].tolist() == collator(dev)["labels"].tolist()  # same masks again
+    assert collator(blocks)["labels"].tolist() == untouched(blocks)["labels"].tolist()
