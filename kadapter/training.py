@@ -149,6 +149,10 @@ class TrainingConfig:
     bf16: bool = True
     """On CUDA, run the trainable modules under bf16 autocast (fp32 master weights). CPU
     runs always use fp32."""
+    process_group_timeout_s: int = 7200
+    """Seconds a process waits at a collective before the run fails: long enough for the
+    main process to build a missing feature cache while the others wait (torch's default
+    of 600 s is not; run `make features` first and nobody waits)."""
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accumulation": self.grad_accumulation,
@@ -167,6 +171,8 @@ class TrainingConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.eval_every < 0 or self.save_every < 0 or self.warmup_steps < 0:
             raise ValueError("eval_every, save_every and warmup_steps must be >= 0")
+        if self.process_group_timeout_s < 1:
+            raise ValueError(f"process_group_timeout_s must be >= 1, got {self.process_group_timeout_s}")
 
 
 # --------------------------------------------------------------------------- data
@@ -360,16 +366,22 @@ def shard_batches(batches: list[np.ndarray], rank: int, world: int,
 
 
 def make_accelerator(config: TrainingConfig):
-    """An ``Accelerator`` with bf16 autocast on CUDA when ``config.bf16``, fp32 elsewhere.
+    """An ``Accelerator`` with bf16 autocast on CUDA when ``config.bf16``, fp32 elsewhere,
+    and a process group that waits ``config.process_group_timeout_s`` at collectives.
 
     Without CUDA it is created with ``cpu=True``: only then does Accelerate 1.15 join the
     processes that ``torchrun`` starts into one gloo group (MULTI_CPU); otherwise each
     would run alone.
     """
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
-    return Accelerator(mixed_precision="bf16" if config.bf16 and cuda else "no", cpu=not cuda)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout_s))
+    return Accelerator(mixed_precision="bf16" if config.bf16 and cuda else "no", cpu=not cuda,
+                       kwargs_handlers=[timeout])
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
