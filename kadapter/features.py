@@ -348,17 +348,20 @@ def check_spans(path: Path, chunk: Chunk) -> None:
     in it: else an InputError naming the file and the record."""
     lengths = chunk.ragged["input_ids"][1]
     problems = np.zeros(len(lengths), dtype=bool)
+
+    def per_row(bad: np.ndarray) -> np.ndarray:
+        return bad if bad.ndim == 1 else bad.any(axis=tuple(range(1, bad.ndim)))
+
     for start, end in SPAN_PAIRS:
         if start in chunk.scalar:
             a, b = chunk.scalar[start], chunk.scalar[end]
             bound = lengths.reshape(-1, *([1] * (a.ndim - 1)))
-            bad = (a < 0) | (b <= a) | (b > bound)
-            problems |= bad.reshape(len(lengths), -1).any(axis=1)
+            problems |= per_row((a < 0) | (b <= a) | (b > bound))
     for name in POSITIONS:
         if name in chunk.scalar:
             p = chunk.scalar[name]
             bound = lengths.reshape(-1, *([1] * (p.ndim - 1)))
-            problems |= ((p < 0) | (p >= bound)).reshape(len(lengths), -1).any(axis=1)
+            problems |= per_row((p < 0) | (p >= bound))
     if problems.any():
         i = int(np.flatnonzero(problems)[0])
         spans = {k: np.asarray(v[i]).tolist() for k, v in chunk.scalar.items()

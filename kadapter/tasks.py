@@ -590,7 +590,7 @@ def collate(features: list[dict[str, Any]], pad_token_id: int,
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         attention_mask[row, : len(ids)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     for key in ("span_start", "span_end", "marker"):
@@ -601,7 +601,7 @@ def collate(features: list[dict[str, Any]], pad_token_id: int,
             raise ValueError("typing features with label_ids need num_labels")
         multi_hot = torch.zeros((len(features), num_labels))
         for row, feature in enumerate(features):
-            multi_hot[row, torch.as_tensor(feature["label_ids"], dtype=torch.long)] = 1.0
+            multi_hot[row, torch.from_numpy(np.asarray(feature["label_ids"], dtype=np.int64))] = 1.0
         batch["labels"] = multi_hot
         return batch
     labels = [f["labels"] for f in features]
