@@ -135,6 +135,8 @@ class MappedFeatures(FeatureTable):
                 ragged[name] = (mapped(f"{name}.values", "<i4", (int(offsets[-1]),)), offsets)
             else:
                 scalar[name] = mapped(name, "<i4", (rows, *spec["shape"]))
+        if rows == 0:  # a split with no example has no column files
+            ragged.setdefault("input_ids", (np.zeros(0, np.int32), np.zeros(1, np.int64)))
         return cls(ragged, scalar)
 
 
