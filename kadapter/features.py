@@ -425,7 +425,7 @@ def fac_chunk(tokenizer: Any, path: Path, first: int, batch: pa.RecordBatch,
     starts, ends = offsets[:, [0, 2]], offsets[:, [1, 3]]
     outside = ((starts < 0) | (ends <= starts) | (ends > chars[:, None])).any(1)
     overlap = (starts[:, 0] < ends[:, 1]) & (starts[:, 1] < ends[:, 0])
-    bad = bad_label | null_offsets | outside | overlap
+    bad = bad_label | null_offsets | outside | overlap | cols["sentence"].is_null().to_numpy(zero_copy_only=False)
     sentences = cols["sentence"].to_pylist()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])

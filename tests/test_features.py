@@ -174,6 +174,11 @@ def test_bad_input_names_file_and_record_and_leaves_no_cache(tmp_path, tokenizer
     data = write_fac(tmp_path / "data", rows)
     with pytest.raises(InputError, match=r"record 2: bad subject/object offsets"):
         pretrain_features("fac", data, tmp_path / "cache", tokenizer, 64, workers=1)
+    rows = fac_rows()
+    rows[1]["sentence"] = None
+    data = write_fac(tmp_path / "data", rows)
+    with pytest.raises(InputError, match=r"record 1: bad subject/object offsets"):
+        pretrain_features("fac", data, tmp_path / "cache", tokenizer, 64, workers=1)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
