@@ -298,10 +298,12 @@ def child_main(stage: str, args_json: str) -> None:
     started, cpu = time.perf_counter(), time.process_time()
     result = run_stage(stage, json.loads(args_json))
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    own = resource.getrusage(resource.RUSAGE_SELF)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent
+    own_peak_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                       if line.startswith("VmHWM:"))
     result.update(wall_s=round(time.perf_counter() - started, 3),
                   cpu_s=round(time.process_time() - cpu + children.ru_utime + children.ru_stime, 3),
-                  peak_rss_mb=round(max(own.ru_maxrss, children.ru_maxrss) / 1024, 1))
+                  peak_rss_mb=round(max(own_peak_kb, children.ru_maxrss) / 1024, 1))
     print("RESULT " + json.dumps(result))
 
 
