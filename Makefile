@@ -108,7 +108,7 @@ bench: $(SETUP)
 	$(PY) benchmarks/pretrain_throughput.py
 
 # Synthetic inputs at three sizes (x4 each): T-REx stage, feature stage, fine-tuning load.
-# BENCH_SCALE_ARGS="--top 1.6" for the full ladder (default tops out lower: shared CPUs).
+# Full ladder by default (~10 min on 2 quiet cores); BENCH_SCALE_ARGS="--top 0.25" for a quarter.
 BENCH_SCALE_ARGS ?=
 bench-scale: $(SETUP) $(MODEL_DEPS)
 	$(PY) benchmarks/paper_scale.py $(BENCH_SCALE_ARGS)
