@@ -21,6 +21,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +42,6 @@ from kadapter.io import (
 )
 from kadapter.metrics import main_metric, score, score_file, write_predictions
 from kadapter.precision import check_bf16
-from kadapter.progress import progress
 from kadapter.tasks import TASKS, BadRecord, Encoded, SkippedRecords, Task, collate
 from kadapter.training import (
     CURVES_FILE,
@@ -166,6 +166,11 @@ class FinetuneConfig:
     own tree <output_dir>/seed-<n>/<task>/<variant>/; results.md and results.png then
     show mean ± std over the seeds. None = one run with the preset's seed, in
     <output_dir>/<task>/<variant>/."""
+    cache_dir: str = "data/processed/{preset}/features"
+    """Where the feature stage caches each task's tokenized features (one directory per
+    key: task, tokenizer, input files, max_length, labels), shared by every variant."""
+    feature_workers: int = 0
+    """Processes that build a missing feature cache (0 = every core)."""
     typing: TaskConfig = _task("data/sample/openentity")
     """OpenEntity entity typing: a TaskConfig (its keys: kadapter/finetune.py and training.py);
     override one key as --finetune.typing.<key> value."""
@@ -317,12 +322,16 @@ def load_adapters(config: Config, variant: str, encoder_config: Any) -> dict[str
 class Splits:
     labels: list[str]
     encoded: dict[str, Encoded]
+    """train: its mapped features only (no examples held); dev, test: features, the
+    examples behind them and the file's examples."""
     counts: dict[str, dict[str, int]]
     skipped: dict[str, Any]
     """Bad records left out under on_error: skip (SkippedRecords.summary())."""
     labels_found: int
     """Distinct labels in the three files (FIGER's release has 113 types); 0 for
     multiple choice."""
+    cache: str
+    """The feature cache directory."""
 
 
 def read_splits(task: Task, settings: TaskConfig, files: dict[str, Path],
@@ -370,43 +379,34 @@ def configured_labels(task: Task, settings: TaskConfig) -> list[str] | None:
     return task.default_labels
 
 
-def prepare_data(task: Task, settings: TaskConfig, files: dict[str, Path], tokenizer) -> Splits:
-    """Read the three files, fix the label set, encode; count what is dropped or cut."""
-    configured = configured_labels(task, settings)
-    skipped = SkippedRecords()
-    examples = read_splits(task, settings, files, skipped)
-    labels = task.label_space([e for split in examples.values() for e in split], configured)
-    labels_found = len(task.label_space([e for split in examples.values() for e in split], None))
-    counts: dict[str, dict[str, int]] = {}
-    negatives_dropped = 0
-    if settings.max_train_negatives is not None:
-        if task.kind != "relation":
-            raise ConfigError(f"finetune.{task.name}.max_train_negatives is for TACRED only")
-        kept, negatives = [], 0
-        for example in examples["train"]:
-            if example.relation == "no_relation":
-                negatives += 1
-                if negatives > settings.max_train_negatives:
-                    negatives_dropped += 1
-                    continue
-            kept.append(example)
-        examples["train"] = kept
-    encoded = {}
-    for split, split_examples in progress(list(examples.items()), desc=f"{task.name}: encode",
-                                          unit="split"):
-        encoded[split] = task.encode(split_examples, tokenizer, labels, settings.max_length)
-        counts[split] = {"examples": len(split_examples), "encoded": len(encoded[split].features),
-                         "too_long": len(encoded[split].too_long)}
-        if split != "train":  # cut to a window around the markers, but kept
-            longer = task.count_longer(split_examples, tokenizer, settings.max_length)
-            counts[split]["truncated"] = longer - len(encoded[split].too_long)
-    counts["train"]["negatives_dropped"] = negatives_dropped
+def prepare_data(task: Task, settings: TaskConfig, files: dict[str, Path], tokenizer,
+                 cache_dir: str | Path, workers: int = 0, accelerator=None) -> Splits:
+    """The task's features, mapped from the feature cache (built first when missing:
+    read the three files, fix the label set, encode, count what is dropped, cut or
+    skipped), and the dev and test examples again (small: their predictions are written
+    per example)."""
+    from kadapter.features import finetune_features
+
+    if settings.max_train_negatives is not None and task.kind != "relation":
+        raise ConfigError(f"finetune.{task.name}.max_train_negatives is for TACRED only")
+    features = finetune_features(task, settings, files, tokenizer, Path(cache_dir), workers,
+                                 accelerator)
+    encoded = {"train": Encoded(features.splits["train"], [], [], [])}
+    # the same reading as the cache's (same skips), so record indices match
+    evaluated = read_splits(task, settings, {split: files[split] for split in ("dev", "test")})
+    for split, source in evaluated.items():
+        kept = features.kept[split].tolist()
+        dropped = set(range(len(source))) - set(kept)
+        encoded[split] = Encoded(features.splits[split], [source[i] for i in kept],
+                                 [source[i] for i in sorted(dropped)], source)
+    counts = features.counts
     for split, purpose in (("train", "train on"), ("dev", "select the model with")):
-        if not encoded[split].features:
+        if not counts[split]["encoded"]:
             raise ConfigError(f"{files[split]}: no example to {purpose} ({counts[split]['examples']} "
                               f"read, {counts[split]['too_long']} longer than max_length "
                               f"{settings.max_length})")
-    return Splits(labels, encoded, counts, skipped.summary(), labels_found)
+    return Splits(features.labels, encoded, counts, features.skipped, features.labels_found,
+                  features.cache)
 
 
 def prediction_rows(task: Task, labels: list[str], encoded: Encoded, logits: np.ndarray) -> list[dict]:
@@ -445,14 +445,14 @@ def majority_baseline(task: Task, settings: TaskConfig, files: dict[str, Path], 
                                for e, p in zip(target, predicted)])
 
 
-def predict_logits(model: nn.Module, features: list[dict], pad_id: int, batch_size: int,
-                   accelerator) -> np.ndarray:
+def predict_logits(model: nn.Module, features: Sequence[dict], pad_id: int, batch_size: int,
+                   accelerator, num_labels: int | None = None) -> np.ndarray:
     """Logits of every feature, in order; batches sharded over processes and gathered."""
-    if not features:
+    if not len(features):
         return np.zeros((0, 0), dtype=np.float32)
     model.eval()
     return predict_in_order(accelerator, features, batch_size,
-                            lambda rows: collate(rows, pad_id),
+                            lambda rows: collate(rows, pad_id, num_labels),
                             lambda batch: {"logits": model(batch)})["logits"]
 
 
@@ -493,7 +493,8 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
     # ---- model and data
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    data = prepare_data(task, settings, files, tokenizer)
+    data = prepare_data(task, settings, files, tokenizer, config.finetune.cache_dir,
+                        config.finetune.feature_workers, accelerator)
     torch.manual_seed(config.seed)  # head and combiner initialisation
     encoder = load_encoder(model_path, dtype=torch.float32)  # trainable: fp32 master weights
     loaded = load_adapters(config, variant, encoder.config)
@@ -514,7 +515,7 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
         model=model,
         train_data=data.encoded["train"].features,
         dev_data=dev.features,
-        collate=lambda items: collate(items, pad_id),
+        collate=lambda items: collate(items, pad_id, len(data.labels)),
         loss_fn=lambda m, batch, _: task.loss(m(batch), batch["labels"]),
         predict_fn=lambda m, batch, _: {"logits": m(batch)},
         metrics_fn=dev_metrics,
@@ -532,7 +533,7 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
     # ---- the selected weights predict dev and test once; metrics come from the files
     eval_batch = result.batch.eval_batch
     logits = {split: predict_logits(result.model, data.encoded[split].features, pad_id, eval_batch,
-                                    accelerator) for split in ("dev", "test")}
+                                    accelerator, len(data.labels)) for split in ("dev", "test")}
     summary: dict[str, Any] = {}
     if main:
         for split, name in (("dev", "dev_predictions.jsonl"), ("test", "predictions.jsonl")):
@@ -561,6 +562,7 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
             "labels_found": data.labels_found,
             "counts": data.counts,
             "skipped_records": data.skipped,
+            "features": data.cache,
             "training": {"steps": result.global_step, "selected_step": result.best_step,
                          "tokens": result.tokens, "train_seconds": round(result.train_seconds, 3),
                          "tokens_per_s": round(result.tokens_per_s, 1),

@@ -6,9 +6,11 @@ head prediction) tasks of K-Adapter, on a frozen encoder.
 Both tasks share one path (``run_pretraining``):
 
 1. features: the task's Parquet rows are turned into token ids (and spans or per-token
-   labels) once, then cached on disk under ``cache_dir/<task>-<key>/`` where the key
-   hashes the tokenizer, the input files, ``max_length`` and the feature code version;
-   a second run (or the other processes of a multi-process run) only reads the cache;
+   labels) once, by the feature stage (``kadapter.features``, ``make features``), into a
+   memory-mapped columnar cache under ``cache_dir/<task>-<key>/`` where the key hashes
+   the tokenizer, the input files, ``max_length`` and the feature code version; a
+   training run only maps it (a missing cache is built by the main process first, with
+   ``feature_workers`` processes, while the others wait up to ``process_group_timeout_s``);
 2. model: the frozen encoder (bf16 on CUDA, eval mode, ``no_grad``, outside DDP) gives
    its hidden states; the trainable part is the knowledge adapter plus a task head;
    the head first combines ``concat(encoder_last, adapter_out) -> dense`` with
@@ -48,8 +50,6 @@ unlabelled attachment score (UAS) over labelled words.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import shutil
@@ -67,15 +67,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kadapter.config import Config, ConfigError, to_plain
+from kadapter.features import pretrain_features
 from kadapter.hub import MODEL_CARD_FILE
 from kadapter.io import (
     InputError,
-    atomic_output_dir,
     atomic_write_json,
     check_output_dir,
     file_fingerprint,
-    fingerprint_of,
-    read_json,
     remove_stale_temporaries,
     replace_dir,
     versions,
@@ -108,7 +106,6 @@ from kadapter.training import (
 )
 
 TASKS = ("fac", "lin")
-FEATURES_VERSION = 1  # bump when the feature code changes: old caches are then ignored
 CHUNK_ROWS = 10_000  # rows tokenized per tokenizer call
 IGNORE_INDEX = -100
 SUBJECT_MARKER, OBJECT_MARKER = "@", "#"
@@ -143,6 +140,9 @@ class PretrainConfig(TrainingConfig):
     ``marker`` = the combined features at the opening @ / # marker (the original)."""
     head_dropout: float = 0.1
     """Dropout in the task head."""
+    feature_workers: int = 0
+    """Processes that build a missing feature cache (0 = every core); the cache and its
+    key do not depend on it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -161,6 +161,8 @@ def resolve_paths(section: PretrainConfig, task: str, preset: str) -> tuple[Path
 
 
 # --------------------------------------------------------------------------- features
+# The one-example-at-a-time reference of the features that kadapter.features builds in
+# parallel: tests check the cache equals it, benchmarks/paper_scale.py times it.
 
 
 def read_rows(path: Path, columns: tuple[str, ...]):
@@ -246,61 +248,6 @@ def lin_features(path: Path, tokenizer, max_length: int) -> tuple[FeatureTable, 
         raise InputError(path, None, f"no usable examples ({dict(counts)})")
     counts["examples"] = len(out)
     return FeatureTable.from_rows(out, ragged=["input_ids", "labels"]), dict(counts)
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the tokenizer's vocabulary, merges, normalizer and special tokens; the
-    truncation/padding state (left behind by the last call) is not part of it."""
-    state = json.loads(tokenizer.backend_tokenizer.to_str())
-    state.pop("truncation", None)
-    state.pop("padding", None)
-    return fingerprint_of({"backend": state, "class": type(tokenizer).__name__})
-
-
-def load_features(task: str, data_dir: Path, cache_dir: Path, tokenizer, max_length: int,
-                  accelerator=None) -> dict[str, Any]:
-    """Train/dev FeatureTables, from the cache when its key matches, else built and cached.
-
-    Returns ``{"train", "dev", "counts", "labels", "cache", "inputs"}``. With several
-    processes the main process builds the cache first; the others then read it.
-    """
-    files = [data_dir / "train.parquet", data_dir / "dev.parquet"]
-    if task == "fac":
-        files.append(data_dir / "relations.json")
-    for path in files:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found (run `make data-{'trex' if task == 'fac' else 'deps'}`)")
-    inputs = [file_fingerprint(p) for p in files]
-    key = fingerprint_of({"task": task, "version": FEATURES_VERSION, "max_length": max_length,
-                          "tokenizer": tokenizer_fingerprint(tokenizer),
-                          "inputs": [i["sha256"] for i in inputs]})
-    cache = cache_dir / f"{task}-{key}"
-    labels = read_json(data_dir / "relations.json") if task == "fac" else None
-    if task == "fac" and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
-        raise InputError(data_dir / "relations.json", None, "expected a JSON list of P-ids")
-
-    def build() -> None:
-        with atomic_output_dir(cache, stage="features") as tmp:
-            counts = {}
-            for split in ("train", "dev"):
-                path = data_dir / f"{split}.parquet"
-                if task == "fac":
-                    table, counts[split] = fac_features(path, tokenizer, max_length, labels)
-                else:
-                    table, counts[split] = lin_features(path, tokenizer, max_length)
-                table.write_parquet(tmp / f"{split}.parquet")
-            atomic_write_json(tmp / "features.json", {"key": key, "counts": counts,
-                                                      "inputs": inputs})
-
-    with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
-        if accelerator is None or accelerator.is_main_process:
-            remove_stale_temporaries(cache.parent, cache.name)
-        if not (cache / "features.json").is_file():
-            build()
-    return {"train": FeatureTable.read_parquet(cache / "train.parquet"),
-            "dev": FeatureTable.read_parquet(cache / "dev.parquet"),
-            "counts": read_json(cache / "features.json")["counts"], "labels": labels,
-            "cache": str(cache), "inputs": inputs}
 
 
 # --------------------------------------------------------------------------- heads
@@ -478,8 +425,8 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
     with accelerator.main_process_first():
         model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    features = load_features(task, data_dir, cache_dir, tokenizer, section.max_length,
-                             accelerator)
+    features = pretrain_features(task, data_dir, cache_dir, tokenizer, section.max_length,
+                                 section.feature_workers, accelerator)
     train_data, dev_data, labels = features["train"], features["dev"], features["labels"]
     if main:
         print(f"{task}: {len(train_data)} train / {len(dev_data)} dev examples "
@@ -585,7 +532,6 @@ __all__ = [
     "classification_metrics",
     "fac_features",
     "lin_features",
-    "load_features",
     "majority_baseline",
     "run_pretraining",
 ]

@@ -548,7 +548,8 @@ class Encoded:
     """A split ready for the model: one feature dict per example that fits, and the
     examples that could not be represented within ``max_length`` (counted, reported)."""
 
-    features: list[dict[str, Any]]
+    features: Sequence[dict[str, Any]]
+    """A list of feature dicts, or the feature cache's mapped features."""
     examples: list[Any]
     """The examples behind ``features``, same order."""
     too_long: list[Any]
@@ -793,10 +794,12 @@ TASKS: dict[str, Task] = {
 }
 
 
-def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(features: list[dict[str, Any]], pad_token_id: int,
+            num_labels: int | None = None) -> dict[str, torch.Tensor]:
     """Pad a list of features into a batch. A multiple-choice feature holds its choices'
     token ids back to back (``choice_lengths`` cuts them): the batch has (B*C, T)
-    input_ids and (B,) labels."""
+    input_ids and (B,) labels. A typing feature from the feature cache holds its
+    ``label_ids``: the (B, num_labels) multi-hot labels are built here, per batch."""
     if "choice_lengths" in features[0]:
         sequences = []
         for feature in features:
@@ -808,12 +811,20 @@ def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         attention_mask[row, : len(ids)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     for key in ("span_start", "span_end", "marker"):
         if key in features[0]:
-            batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
+            batch[key] = torch.as_tensor(np.asarray([f[key] for f in features]), dtype=torch.long)
+    if "label_ids" in features[0]:
+        if num_labels is None:
+            raise ValueError("typing features with label_ids need num_labels")
+        multi_hot = torch.zeros((len(features), num_labels))
+        for row, feature in enumerate(features):
+            multi_hot[row, torch.from_numpy(np.asarray(feature["label_ids"], dtype=np.int64))] = 1.0
+        batch["labels"] = multi_hot
+        return batch
     labels = [f["labels"] for f in features]
     batch["labels"] = torch.tensor(labels, dtype=torch.float if isinstance(labels[0], list) else torch.long)
     return batch

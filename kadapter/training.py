@@ -203,6 +203,10 @@ class TrainingConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Experiment trackers (kadapter/tracking.py): tensorboard (<run dir>/tensorboard/),
     wandb, mlflow (when installed); they get the hyperparameters and every logged record."""
+    process_group_timeout_s: int = 7200
+    """Seconds a process waits at a collective before the run fails: long enough for the
+    main process to build a missing feature cache while the others wait (torch's default
+    of 600 s is not; run `make features` first and nobody waits)."""
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accumulation": self.grad_accumulation,
@@ -226,6 +230,8 @@ class TrainingConfig:
         if self.eval_every < 0 or self.save_every < 0 or self.warmup_steps < 0:
             raise ValueError("eval_every, save_every and warmup_steps must be >= 0")
         check_bf16(self.bf16)
+        if self.process_group_timeout_s < 1:
+            raise ValueError(f"process_group_timeout_s must be >= 1, got {self.process_group_timeout_s}")
 
 
 # --------------------------------------------------------------------------- data
@@ -572,14 +578,18 @@ class Prefetcher:
 
 
 def make_accelerator(config: TrainingConfig):
-    """An ``Accelerator`` with the mixed precision of ``config.bf16`` (``precision_of``).
+    """An ``Accelerator`` with the mixed precision of ``config.bf16`` (``precision_of``)
+    and a process group that waits ``config.process_group_timeout_s`` at collectives.
 
     Without CUDA it is created with ``cpu=True``: only then does Accelerate 1.15 join the
     processes that ``torchrun`` starts into one gloo group (MULTI_CPU); otherwise each
     would run alone.
     """
+    from datetime import timedelta
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     precision = precision_of(config)
     # Accelerate keeps one precision per process and refuses another; runs in one process
@@ -588,8 +598,9 @@ def make_accelerator(config: TrainingConfig):
     if AcceleratorState._shared_state.get("_mixed_precision", precision.mixed_precision) \
             != precision.mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout_s))
     return Accelerator(mixed_precision=precision.mixed_precision,
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
 
 
 def precision_of(config: TrainingConfig) -> Precision:
