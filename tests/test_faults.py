@@ -19,6 +19,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -469,7 +470,20 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
 # ================================================================== SIGKILLs
 
 
+CHILD_LIMIT_S = 600  # a child that runs to completion but never ends is a failure, not a hang
+
+
+def _private_tqdm_lock() -> None:
+    """tqdm's default write lock holds a multiprocessing semaphore shared with forked
+    children: a child SIGKILLed while writing a bar would leave it held for the parent and
+    every later child (a deadlock seen in this module). Bars here use a lock of their own."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def _quiet(target, args):
+    _private_tqdm_lock()  # a fresh one: a parent thread may have held the old one at fork
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stderr stays: a child's traceback shows
     target(*args)
 
@@ -477,14 +491,17 @@ def _quiet(target, args):
 def in_child(target, *args, kill_after: float | None = None) -> tuple[bool, float]:
     """Run ``target(*args)`` in a forked child; SIGKILL it after ``kill_after`` seconds
     unless it finished. Returns (killed, seconds)."""
+    _private_tqdm_lock()
     child = multiprocessing.get_context("fork").Process(target=_quiet, args=(target, args))
     started = time.monotonic()
     child.start()
-    child.join(kill_after)
+    child.join(CHILD_LIMIT_S if kill_after is None else kill_after)
     killed = child.is_alive()
     if killed:
         os.kill(child.pid, signal.SIGKILL)
         child.join()
+        if kill_after is None:
+            raise AssertionError(f"{target.__name__} did not end within {CHILD_LIMIT_S} s")
     elif child.exitcode != 0:
         raise AssertionError(f"{target.__name__} failed in the child (exit code {child.exitcode})")
     return killed, time.monotonic() - started
