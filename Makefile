@@ -13,6 +13,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 # Accelerate launcher: LAUNCH_ARGS="--config_file configs/accelerate/multi_gpu.yaml" for DDP.
+# Without an `accelerate config` file a bare `accelerate launch` warns on every run that it
+# used defaults; the sample preset (one CPU process) passes them instead. A config file of
+# the user's, or LAUNCH_ARGS, wins.
+ACCELERATE_DEFAULT_CONFIG := $(or $(HF_HOME),$(HOME)/.cache/huggingface)/accelerate/default_config.yaml
+ifeq ($(PRESET)$(wildcard $(ACCELERATE_DEFAULT_CONFIG)),sample)
+LAUNCH_ARGS ?= --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+endif
 LAUNCH_ARGS ?=
 LAUNCH := $(VENV)/bin/accelerate launch $(LAUNCH_ARGS)
 SETUP := $(VENV)/.kadapter-installed

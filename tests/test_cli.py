@@ -162,3 +162,30 @@ def test_wheel_ships_stages_and_presets_inside_the_package(repo_root, tmp_path):
     run = _run_cli(["data-trex", "--config", "paper", "--print_config"], work, target)
     assert run.returncode == 0, run.stderr
     assert yaml.safe_load(run.stdout)["data_trex"]["min_entity_count"] == 50
+
+
+@pytest.mark.parametrize("user_config", [False, True])
+def test_sample_launches_print_no_defaults_used_warning(repo_root, tmp_path, user_config):
+    """The sample preset's `accelerate launch` passes the values a bare launch would warn
+    about; a user's own `accelerate config` file is left in charge."""
+    home = tmp_path / "home"
+    config_file = home / ".cache/huggingface/accelerate/default_config.yaml"
+    if user_config:
+        config_file.parent.mkdir(parents=True)
+        config_file.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\n"
+                               "num_processes: 1\nnum_machines: 1\nmixed_precision: 'no'\n"
+                               "dynamo_backend: 'NO'\nuse_cpu: true\n")
+    env = {**os.environ, "HOME": str(home), "PRESET": "sample"}
+    env.pop("HF_HOME", None)
+    printed = subprocess.run(["make", "-s", "--no-print-directory", "-f", str(repo_root / "Makefile"),
+                              "--eval", "show-launch: ; @echo $(LAUNCH_ARGS)", "show-launch"],
+                             cwd=repo_root, env=env, capture_output=True, text=True, check=True)
+    launch_args = printed.stdout.split()
+    assert (launch_args == []) == user_config
+    script = tmp_path / "hello.py"
+    script.write_text("print('ran')\n")
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    run = subprocess.run([accelerate, "launch", *launch_args, str(script)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "ran" in run.stdout, run.stderr
+    assert "had defaults used" not in run.stderr
