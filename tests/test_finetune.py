@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from workspace import copy_sample_splits, save_random_adapters
 
 from kadapter.config import ConfigError, load_config
 from kadapter.finetune import run_finetune, run_fingerprint
@@ -29,26 +30,9 @@ def workspace(tmp_path_factory, repo_root, tiny_model_dir):
     """Small copies of the sample files, two random adapters and a preset file."""
     from transformers import AutoConfig
 
-    from kadapter.modeling import AdapterConfig, KnowledgeAdapter, save_adapter
-
     root = tmp_path_factory.mktemp("finetune")
-    for task, directory in SAMPLE_DIRS.items():
-        for name, size in zip(TASKS[task].files, SIZES):
-            source = repo_root / "data/sample" / directory / name
-            target = root / "data" / directory / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if name.endswith(".jsonl"):
-                target.write_text("".join(source.read_text().splitlines(keepends=True)[:size]))
-            else:
-                target.write_text(json.dumps(json.loads(source.read_text())[:size]))
-    encoder_config = AutoConfig.from_pretrained(str(tiny_model_dir))
-    adapter_config = AdapterConfig(positions=[0, 11, 23], adapter_size=32, num_transformer_layers=1)
-    for seed, name in enumerate(["fac", "lin"]):
-        torch.manual_seed(seed)
-        adapter = KnowledgeAdapter(adapter_config, encoder_config.hidden_size,
-                                   encoder_config.num_hidden_layers)
-        save_adapter(root / f"{name}-adapter", adapter, base_model="tiny",
-                     encoder_config=encoder_config, task={"name": name})
+    copy_sample_splits(root, repo_root, SAMPLE_DIRS, SIZES)
+    save_random_adapters(root, AutoConfig.from_pretrained(str(tiny_model_dir)))
     task_settings = {"max_length": 48, "batch_size": 8, "learning_rate": 1e-3, "max_steps": 4,
                      "eval_every": 2, "log_every": 1, "save_every": 0}
     preset = {

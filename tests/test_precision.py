@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from workspace import copy_sample_splits, save_random_adapters
 
 from kadapter.config import ConfigError, load_config
-from kadapter.modeling import AdapterConfig, Combiner, KnowledgeAdapter, save_adapter
+from kadapter.modeling import Combiner
 from kadapter.precision import ENV, resolve_precision
 from kadapter.training import TrainingConfig, make_accelerator
 
@@ -194,18 +195,8 @@ def finetune_workspace(tmp_path_factory, repo_root, tiny_model_dir):
     """Small copies of the sample files of one task of each kind, two random adapters."""
     from transformers import AutoConfig
 
-    from kadapter.tasks import TASKS
-
     root = tmp_path_factory.mktemp("precision-finetune")
-    for task, directory in SAMPLE_DIRS.items():
-        for name, size in zip(TASKS[task].files, (16, 6, 6)):
-            source = repo_root / "data/sample" / directory / name
-            target = root / "data" / directory / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if name.endswith(".jsonl"):
-                target.write_text("".join(source.read_text().splitlines(keepends=True)[:size]))
-            else:
-                target.write_text(json.dumps(json.loads(source.read_text())[:size]))
+    copy_sample_splits(root, repo_root, SAMPLE_DIRS, (16, 6, 6))
     save_random_adapters(root, AutoConfig.from_pretrained(str(tiny_model_dir)))
     settings = {"max_length": 48, "batch_size": 8, "learning_rate": 1e-3, "max_steps": 2,
                 "log_every": 1, "save_every": 0}
@@ -220,15 +211,6 @@ def finetune_workspace(tmp_path_factory, repo_root, tiny_model_dir):
     }
     (root / "test.yaml").write_text(yaml.safe_dump(preset))
     return root
-
-
-def save_random_adapters(root: Path, encoder_config) -> None:
-    shape = AdapterConfig(positions=[0, 11, 23], adapter_size=32, num_transformer_layers=1)
-    for seed, name in enumerate(["fac", "lin"]):
-        torch.manual_seed(seed)
-        adapter = KnowledgeAdapter(shape, encoder_config.hidden_size, encoder_config.num_hidden_layers)
-        save_adapter(root / f"{name}-adapter", adapter, base_model="tiny",
-                     encoder_config=encoder_config, task={"name": name})
 
 
 @pytest.mark.parametrize("task, adapters, variant_dir", FINETUNE_RUNS)
