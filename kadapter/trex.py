@@ -32,30 +32,26 @@ reasons + candidates; candidates = dropped by each filter + examples.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kadapter.config import to_plain
-from kadapter.io import (
-    InputError,
-    atomic_output_dir,
-    atomic_write_json,
-    expand_inputs,
-    file_fingerprint,
-    split_of,
-    versions,
-)
+from kadapter.fs import expand_any, fingerprint_any, output_dir_any, read_bytes
+from kadapter.io import InputError, atomic_write_json, split_of, versions
 
 WIKIDATA_ENTITY = "http://www.wikidata.org/entity/"
 WIKIDATA_PROPERTY = "http://www.wikidata.org/prop/direct/"
@@ -119,9 +115,19 @@ class TrexConfig:
     the document; ``skip`` drops the file, document or triple and counts it per reason
     in the manifest."""
     workers: int = 1
-    """Processes that parse input files in parallel (the output does not depend on it)."""
+    """Processes that parse input files in parallel (the output does not depend on it);
+    with ``engine: ray`` and no ``ray_address``, the CPUs of the local Ray started."""
+    engine: Literal["local", "ray"] = "local"
+    """``local``: a process pool on this machine; ``ray``: Ray tasks and Ray Data on a
+    local Ray or a cluster (``ray_address``). Same bytes out either way."""
+    ray_address: str | None = None
+    """With ``engine: ray``: None starts a local Ray with ``workers`` CPUs; ``auto`` joins
+    the running cluster (or the one named by RAY_ADDRESS); ``ray://host:10001`` or
+    ``host:6379`` joins that one."""
 
     def __post_init__(self) -> None:
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"engine must be local or ray, got {self.engine!r}")
         if not 0.0 <= self.dev_fraction < 1.0:
             raise ValueError(f"dev_fraction must be in [0, 1), got {self.dev_fraction}")
         if self.workers < 1:
@@ -133,6 +139,13 @@ class TrexConfig:
 def short_id(uri: str) -> str:
     """``http://www.wikidata.org/entity/Q228`` -> ``Q228``; other URIs (dates) unchanged."""
     return uri[len(WIKIDATA_ENTITY):] if uri.startswith(WIKIDATA_ENTITY) else uri
+
+
+def _short_ids(uris: list[str]) -> pa.Array:
+    """``short_id`` of each URI, in Arrow."""
+    column = pa.array(uris, pa.string())
+    return pc.if_else(pc.starts_with(column, WIKIDATA_ENTITY),
+                      pc.utf8_slice_codeunits(column, len(WIKIDATA_ENTITY)), column)
 
 
 def relation_id(uri: str) -> str:
@@ -152,30 +165,35 @@ def _span(bounds: Any, text_length: int) -> tuple[int, int] | None:
     """A triple argument's ``boundaries`` -> its [start, end) span, None when it has none."""
     if bounds is None:
         return None
-    if type(bounds) is not list or len(bounds) != 2:
+    if type(bounds) not in (list, tuple) or len(bounds) != 2:
         raise BadRecord("malformed_triple", f"boundaries {bounds!r} are not [start, end]")
     start, end = bounds
     if type(start) is not int or type(end) is not int or not 0 <= start < end <= text_length:
         raise BadRecord(
             "boundaries_outside_text",
-            f"boundaries {bounds!r} outside the text (length {text_length})",
+            f"boundaries {list(bounds)!r} outside the text (length {text_length})",
         )
     return start, end
 
 
-def _sentences(doc: dict) -> list[tuple[int, int]]:
-    text_length = len(doc["text"])
+def _as_json(value: Any) -> Any:
+    """A typed document's tuples shown as the JSON lists they were (for messages)."""
+    return list(value) if type(value) is tuple else value
+
+
+def _sentences(text: str, boundaries: list) -> list[tuple[int, int]]:
+    text_length = len(text)
     sentences = []
-    for bounds in doc["sentences_boundaries"]:
+    for bounds in boundaries:
         if (
-            type(bounds) is not list
+            type(bounds) not in (list, tuple)
             or len(bounds) != 2
             or not all(type(b) is int for b in bounds)
             or not 0 <= bounds[0] <= bounds[1] <= text_length
         ):
             raise BadRecord(
                 "bad_sentence_boundaries",
-                f"sentence boundaries {bounds!r} outside the text (length {text_length})",
+                f"sentence boundaries {_as_json(bounds)!r} outside the text (length {text_length})",
             )
         sentences.append((bounds[0], bounds[1]))
     return sentences
@@ -225,76 +243,180 @@ _WORD_BOUNDARIES = re.compile(
 )
 
 
-def read_documents(path: str | Path) -> list:
-    """One T-REx file -> its list of documents (``words_boundaries`` emptied)."""
-    raw = _WORD_BOUNDARIES.sub(b'"words_boundaries":[]', Path(path).read_bytes())
-    documents = orjson.loads(raw)
+def plain_documents(raw: bytes) -> list:
+    """A T-REx file's bytes -> its list of documents as dicts (``words_boundaries``
+    emptied); invalid JSON raises orjson.JSONDecodeError."""
+    documents = orjson.loads(_WORD_BOUNDARIES.sub(b'"words_boundaries":[]', raw))
     if type(documents) is not list:
         raise orjson.JSONDecodeError("top level is not a list of documents", "", 0)
     return documents
 
 
+def read_documents(path: str | Path) -> list:
+    """One T-REx file (local path or URL) -> its list of documents (``words_boundaries`` emptied)."""
+    return plain_documents(read_bytes(path))
+
+
+# Typed decoding: only the fields the stage reads become Python objects; msgspec skips
+# the rest (words_boundaries, surface forms, annotators...) without building them, 2-4x
+# less work than dicts of everything. A file whose structure or types differ anywhere
+# from these (a missing field, a float offset, a document that is not an object, invalid
+# JSON) is decoded again as plain dicts, where the checks below name the bad record:
+# both decodings give the same values, so the same bytes and counts come out.
+class _Uri(msgspec.Struct, gc=False):
+    uri: str
+
+
+class _Argument(msgspec.Struct, gc=False):
+    uri: str
+    boundaries: tuple[int, int] | None
+
+
+class _Triple(msgspec.Struct, gc=False):
+    subject: _Argument
+    object: _Argument
+    predicate: _Uri
+    sentence_id: int
+
+
+class _Document(msgspec.Struct, gc=False):
+    docid: str
+    text: str
+    sentences_boundaries: list[tuple[int, int]]
+    entities: list[_Uri]
+    triples: list[_Triple]
+
+
+_TYPED = msgspec.json.Decoder(list[_Document])
+
+
+def decode_documents(raw: bytes) -> list:
+    """A T-REx file's bytes -> typed documents, or plain dicts when it does not fit the
+    typed form (then bad records are found and named by the checks)."""
+    try:
+        return _TYPED.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return plain_documents(raw)
+
+
+# Field access, for typed and plain documents alike: the one place that reads a document.
+def _triple_list(doc: Any) -> list | None:
+    if type(doc) is _Document:
+        return doc.triples
+    triples = doc.get("triples") if type(doc) is dict else None
+    return triples if type(triples) is list else None
+
+
+def _document_fields(doc: Any) -> tuple[str, str, list[tuple[int, int]], list[str], list]:
+    """docid, text, sentence spans, entity mention URIs and triples; BadRecord if malformed."""
+    if type(doc) is _Document:
+        return (doc.docid, doc.text, _sentences(doc.text, doc.sentences_boundaries),
+                [mention.uri for mention in doc.entities], doc.triples)
+    _check_document(doc)
+    return (doc["docid"], doc["text"], _sentences(doc["text"], doc["sentences_boundaries"]),
+            _entity_uris(doc), doc["triples"])
+
+
+def _triple_fields(triple: Any, text_length: int, sentence_count: int) -> tuple:
+    """predicate URI, subject URI, object URI, sentence_id, subject span, object span."""
+    if type(triple) is _Triple:  # types are checked by the decoder, ranges here
+        subject, obj = triple.subject, triple.object
+        predicate, subj_uri, obj_uri = triple.predicate.uri, subject.uri, obj.uri
+        sentence_id = triple.sentence_id
+        subj_span, obj_span = subject.boundaries, obj.boundaries
+        for span in (subj_span, obj_span):
+            if span is not None and not 0 <= span[0] < span[1] <= text_length:
+                _span(list(span), text_length)  # raises, with the plain path's message
+    else:
+        try:
+            subject, obj = triple["subject"], triple["object"]
+            predicate = triple["predicate"]["uri"]
+            subj_uri, obj_uri = subject["uri"], obj["uri"]
+            sentence_id = triple["sentence_id"]
+            subj_span = _span(subject["boundaries"], text_length)
+            obj_span = _span(obj["boundaries"], text_length)
+        except (TypeError, KeyError) as err:
+            raise BadRecord("malformed_triple", f"missing or wrong field {err}") from None
+        if type(predicate) is not str or type(subj_uri) is not str or type(obj_uri) is not str:
+            raise BadRecord("malformed_triple", "a 'uri' is not a string")
+    if type(sentence_id) is not int or not 0 <= sentence_id < sentence_count:
+        raise BadRecord(
+            "bad_sentence_id",
+            f"sentence_id {sentence_id!r} out of range ({sentence_count} sentences)",
+        )
+    return predicate, subj_uri, obj_uri, sentence_id, subj_span, obj_span
+
+
 def scan_file(path: str, spill: str, seed: int, dev_fraction: float,
               exclude: frozenset[str], on_error: str) -> FileScan:
-    """Pass 1 on one file: count entity mentions, write its candidates to ``spill``."""
+    """Pass 1 on one file (local engine): ``scan_table``, its candidates written to ``spill``."""
+    scan, table = scan_table(path, seed, dev_fraction, exclude, on_error)
+    if table is not None:
+        pq.write_table(table, spill, compression="zstd")
+    return scan
+
+
+def scan_table(path: str, seed: int, dev_fraction: float, exclude: frozenset[str],
+               on_error: str) -> tuple[FileScan, pa.Table | None]:
+    """Pass 1 on one file: count entity mentions, collect its candidates (SPILL_SCHEMA,
+    sorted); the table is None when the file is skipped or an error is reported."""
+    # Hundreds of thousands of small acyclic objects are built per file: the cycle
+    # collector, triggered by allocations, would spend ~25% of the time finding nothing.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _scan_table(path, seed, dev_fraction, exclude, on_error)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _scan_table(path: str, seed: int, dev_fraction: float, exclude: frozenset[str],
+                on_error: str) -> tuple[FileScan, pa.Table | None]:
     stats: Counter = Counter()
     entities: Counter = Counter()
 
-    def fail(record: str | None, problem: str) -> FileScan | None:
+    def fail(record: str | None, problem: str) -> tuple[FileScan, None] | None:
         """With on_error: raise, the result that reports the error; else None (skip)."""
         if on_error == "raise":
-            return FileScan(Counter(), stats, 0, error=(path, record, problem))
+            return FileScan(Counter(), stats, 0, error=(str(path), record, problem)), None
         return None
 
     try:
-        documents = read_documents(path)
+        documents = decode_documents(read_bytes(path))
     except orjson.JSONDecodeError as err:
         stats["files_skipped"] += 1
-        return fail(None, f"not valid JSON: {err}") or FileScan(entities, stats, 0)
+        return fail(None, f"not valid JSON: {err}") or (FileScan(entities, stats, 0), None)
 
     relation_ids: dict[str, str] = {}  # predicate URI -> P-id, and excluded or not
     rows: set[tuple] = set()
+    texts: list[str] = []  # the text of each document, by index
     dropped: Counter = Counter()
     missing = outside = overlapping = same = excluded = 0
     for index, doc in enumerate(documents):
-        triples = doc.get("triples") if type(doc) is dict else None
-        if type(triples) is list:
+        triples = _triple_list(doc)
+        if triples is not None:
             stats["triples"] += len(triples)
         try:
-            _check_document(doc)
-            sentences = _sentences(doc)
-            uris = _entity_uris(doc)
+            docid, text, sentences, uris, triples = _document_fields(doc)
         except BadRecord as bad:
             stats[f"skipped:{bad.reason}"] += 1
-            if type(triples) is list:
+            texts.append("")
+            if triples is not None:
                 dropped[IN_SKIPPED_DOCUMENT] += len(triples)
             failure = fail(f"document {index}", bad.problem)
             if failure:
                 return failure
             continue
+        texts.append(text)
         entities.update(uris)
-        docid, text = doc["docid"], doc["text"]
         dev = split_of(docid, seed, dev_fraction) == "dev"
         stats["documents_dev" if dev else "documents_train"] += 1
         text_length, sentence_count = len(text), len(sentences)
         for position, triple in enumerate(triples):
             try:
-                try:
-                    subject, obj = triple["subject"], triple["object"]
-                    predicate = triple["predicate"]["uri"]
-                    subj_uri, obj_uri = subject["uri"], obj["uri"]
-                    sentence_id = triple["sentence_id"]
-                    subj_span = _span(subject["boundaries"], text_length)
-                    obj_span = _span(obj["boundaries"], text_length)
-                except (TypeError, KeyError) as err:
-                    raise BadRecord("malformed_triple", f"missing or wrong field {err}") from None
-                if type(predicate) is not str or type(subj_uri) is not str or type(obj_uri) is not str:
-                    raise BadRecord("malformed_triple", "a 'uri' is not a string")
-                if type(sentence_id) is not int or not 0 <= sentence_id < sentence_count:
-                    raise BadRecord(
-                        "bad_sentence_id",
-                        f"sentence_id {sentence_id!r} out of range ({sentence_count} sentences)",
-                    )
+                predicate, subj_uri, obj_uri, sentence_id, subj_span, obj_span = _triple_fields(
+                    triple, text_length, sentence_count)
             except BadRecord as bad:
                 dropped[bad.reason] += 1
                 failure = fail(f"document {index} (docid {docid}), triple {position}", bad.problem)
@@ -338,51 +460,86 @@ def scan_file(path: str, spill: str, seed: int, dev_fraction: float,
     table = pa.table(
         {
             "docid": [r[0] for r in ordered],
-            "sentence": [documents[r[9]]["text"][r[1]:r[10]] for r in ordered],
+            "sentence": [texts[r[9]][r[1]:r[10]] for r in ordered],
             "subj_start": [r[2] for r in ordered],
             "subj_end": [r[3] for r in ordered],
             "obj_start": [r[4] for r in ordered],
             "obj_end": [r[5] for r in ordered],
-            "subj_uri": [short_id(r[7]) for r in ordered],
-            "obj_uri": [short_id(r[8]) for r in ordered],
+            "subj_uri": _short_ids([r[7] for r in ordered]),
+            "obj_uri": _short_ids([r[8] for r in ordered]),
             "relation": [r[6] for r in ordered],
             "dev": [r[11] for r in ordered],
         },
         schema=SPILL_SCHEMA,
     )
-    pq.write_table(table, spill, compression="zstd")
     short_counts: Counter = Counter()
     for uri, count in entities.items():
         short_counts[short_id(uri)] += count
-    return FileScan(short_counts, stats, len(ordered))
+    return FileScan(short_counts, stats, len(ordered)), table
 
 
 def _scan_job(job: tuple) -> FileScan:
     return scan_file(*job)
 
 
-def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
-                  progress: bool = False) -> dict[str, Any]:
-    """Run the whole stage; returns the manifest (also written to ``output_dir``)."""
-    from tqdm import tqdm
+# Passes 2 and 3 on one file's candidates: the same functions for both engines.
+def entity_filter(table: pa.Table, kept_entities: pa.Array) -> pa.Table:
+    """The candidates whose subject and object are both kept entities."""
+    return table.filter(pc.and_(pc.is_in(table["subj_uri"], value_set=kept_entities),
+                                pc.is_in(table["obj_uri"], value_set=kept_entities)))
 
-    paths = expand_inputs(config.input, suffixes=(".json",))
-    exclude = frozenset(config.exclude_relations)
-    started = time.perf_counter()
-    with atomic_output_dir(output_dir) as out:
-        spill_dir = out / ".spill"
-        spill_dir.mkdir()
-        spills = [str(spill_dir / f"{i:06d}.parquet") for i in range(len(paths))]
-        jobs = [(str(p), s, seed, config.dev_fraction, exclude, config.on_error)
-                for p, s in zip(paths, spills)]
 
-        # Pass 1: parse every file (in parallel), count mentions, spill candidates.
-        entity_counts: Counter = Counter()
+def distinct_pairs(table: pa.Table) -> pa.Table:
+    """The distinct (relation, subject, object) triples of a table."""
+    return (table.select(["relation", "subj_uri", "obj_uri"])
+            .group_by(["relation", "subj_uri", "obj_uri"]).aggregate([]))
+
+
+def pair_counts_of(pair_tables: list[pa.Table]) -> dict[str, int]:
+    """Relation -> number of distinct (subject, object) pairs over all tables."""
+    pairs = pa.concat_tables(pair_tables) if pair_tables else SPILL_SCHEMA.empty_table()
+    pairs = distinct_pairs(pairs)
+    return {row["relation"]: row["count_all"]
+            for row in pairs.group_by("relation").aggregate([([], "count_all")]).to_pylist()}
+
+
+def label_and_split(table: pa.Table, kept_relations: pa.Array) -> list[tuple[str, pa.Table]]:
+    """Relation filter, label column, split: the non-empty (split, part) of one file, in
+    the order they are written."""
+    table = table.filter(pc.is_in(table["relation"], value_set=kept_relations))
+    labels = pc.cast(pc.index_in(table["relation"], value_set=kept_relations), pa.int64())
+    table = table.append_column("label", labels)
+    parts = []
+    for split, mask in (("train", pc.invert(table["dev"])), ("dev", table["dev"])):
+        part = table.filter(mask).drop_columns(["dev"]).select(OUTPUT_SCHEMA.names)
+        if part.num_rows:
+            parts.append((split, part))
+    return parts
+
+
+class LocalTrex:
+    """The local engine: a process pool for pass 1, spill files for the candidates."""
+
+    def __init__(self, paths: list, config: TrexConfig, seed: int, out: Path, progress: bool):
+        self.paths, self.config, self.seed, self.progress = paths, config, seed, progress
+        self.spill_dir = out / ".spill"
+        self.spill_dir.mkdir()
+        self.spills = [str(self.spill_dir / f"{i:06d}.parquet") for i in range(len(paths))]
+        self.entity_counts: Counter = Counter()
+
+    def scan(self) -> tuple[Counter, int]:
+        """Pass 1: parse every file (in parallel), count mentions, spill candidates."""
+        from tqdm import tqdm
+
+        config = self.config
+        exclude = frozenset(config.exclude_relations)
+        jobs = [(str(p), s, self.seed, config.dev_fraction, exclude, config.on_error)
+                for p, s in zip(self.paths, self.spills)]
         stats: Counter = Counter()
         candidates = 0
-        bar = tqdm(total=len(paths), desc="T-REx files", unit="file", disable=not progress)
-        if config.workers > 1 and len(paths) > 1:
-            pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(paths)))
+        bar = tqdm(total=len(jobs), desc="T-REx files", unit="file", disable=not self.progress)
+        if config.workers > 1 and len(jobs) > 1:
+            pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(jobs)))
             scans = pool.imap(_scan_job, jobs)
         else:
             pool, scans = None, map(_scan_job, jobs)
@@ -390,7 +547,7 @@ def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
             for scan in scans:
                 if scan.error:
                     raise InputError(*scan.error)
-                entity_counts.update(scan.entity_counts)
+                self.entity_counts.update(scan.entity_counts)
                 stats.update(scan.stats)
                 candidates += scan.candidates
                 bar.update()
@@ -398,57 +555,74 @@ def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
             bar.close()
             if pool is not None:
                 pool.terminate()  # every result is in (or an error stops the run)
+        self.spills = [spill for spill in self.spills if Path(spill).exists()]  # minus invalid files
+        return stats, candidates
 
-        # Pass 2: entity filter (each spill rewritten with what it keeps), then the
-        # distinct (subject, object) pairs of every relation.
-        kept_entities = pa.array(
-            sorted(e for e, n in entity_counts.items() if n >= config.min_entity_count),
-            pa.string(),
-        )
-        spills = [spill for spill in spills if Path(spill).exists()]  # minus invalid files
+    def entity_totals(self, min_count: int) -> tuple[int, int, pa.Array]:
+        """Mentions, distinct entities, and the sorted kept entities."""
+        kept = sorted(e for e, n in self.entity_counts.items() if n >= min_count)
+        return (sum(self.entity_counts.values()), len(self.entity_counts),
+                pa.array(kept, pa.string()))
+
+    def filter_entities(self, kept_entities: pa.Array) -> tuple[int, dict[str, int]]:
+        """Pass 2: entity filter (each spill rewritten with what it keeps), then the
+        distinct (subject, object) pairs of every relation."""
         after_entity_filter = 0
         pair_tables = []
-        for spill in spills:
-            table = pq.read_table(spill)
-            table = table.filter(pc.and_(pc.is_in(table["subj_uri"], value_set=kept_entities),
-                                         pc.is_in(table["obj_uri"], value_set=kept_entities)))
+        for spill in self.spills:
+            table = entity_filter(pq.read_table(spill), kept_entities)
             pq.write_table(table, spill, compression="zstd")
             after_entity_filter += table.num_rows
-            pair_tables.append(table.select(["relation", "subj_uri", "obj_uri"])
-                               .group_by(["relation", "subj_uri", "obj_uri"]).aggregate([]))
-        pairs = pa.concat_tables(pair_tables) if pair_tables else SPILL_SCHEMA.empty_table()
-        pairs = pairs.group_by(["relation", "subj_uri", "obj_uri"]).aggregate([])
-        pair_counts = {
-            row["relation"]: row["count_all"]
-            for row in pairs.group_by("relation").aggregate([([], "count_all")]).to_pylist()
-        }
-        relations = sorted(r for r, n in pair_counts.items() if n >= config.min_relation_pairs)
-        kept_relations = pa.array(relations, pa.string())
+            pair_tables.append(distinct_pairs(table))
+        return after_entity_filter, pair_counts_of(pair_tables)
 
-        # Pass 3: relation filter, labels, split; rows keep the spill order.
-        per_relation = {r: Counter() for r in relations}
-        writers = {split: pq.ParquetWriter(out / f"{split}.parquet", OUTPUT_SCHEMA,
-                                           compression="zstd") for split in SPLITS}
-        documents_with_examples = Counter()  # a document lies in one file: sum per file
+    def labelled_parts(self, kept_relations: pa.Array) -> Iterator[list[tuple[str, pa.Table]]]:
+        """Pass 3, file by file in input order."""
+        for spill in self.spills:
+            yield label_and_split(pq.read_table(spill), kept_relations)
+
+    def close(self) -> None:
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
+                  progress: bool = False) -> dict[str, Any]:
+    """Run the whole stage; returns the manifest (also written to ``output_dir``)."""
+    paths = expand_any(config.input, suffixes=(".json",))
+    started = time.perf_counter()
+    with output_dir_any(output_dir) as out:
+        if config.engine == "ray":
+            from kadapter.ray_engine import RayTrex
+
+            engine = RayTrex(paths, config, seed, progress)
+        else:
+            engine = LocalTrex(paths, config, seed, out, progress)
         try:
-            for spill in spills:
-                table = pq.read_table(spill)
-                table = table.filter(pc.is_in(table["relation"], value_set=kept_relations))
-                labels = pc.cast(pc.index_in(table["relation"], value_set=kept_relations),
-                                 pa.int64())
-                table = table.append_column("label", labels)
-                for split, mask in (("train", pc.invert(table["dev"])), ("dev", table["dev"])):
-                    part = table.filter(mask).drop_columns(["dev"]).select(OUTPUT_SCHEMA.names)
-                    if part.num_rows == 0:
-                        continue
-                    writers[split].write_table(part)
-                    documents_with_examples[split] += len(part["docid"].unique())
-                    for relation, count in zip(*_value_counts(part["relation"])):
-                        per_relation[relation][split] += count
+            stats, candidates = engine.scan()
+            mentions, distinct_entities, kept_entities = engine.entity_totals(
+                config.min_entity_count)
+            after_entity_filter, pair_counts = engine.filter_entities(kept_entities)
+            relations = sorted(r for r, n in pair_counts.items()
+                               if n >= config.min_relation_pairs)
+            kept_relations = pa.array(relations, pa.string())
+
+            # Pass 3: relation filter, labels, split; rows keep the input file order.
+            per_relation = {r: Counter() for r in relations}
+            writers = {split: pq.ParquetWriter(out / f"{split}.parquet", OUTPUT_SCHEMA,
+                                               compression="zstd") for split in SPLITS}
+            documents_with_examples = Counter()  # a document lies in one file: sum per file
+            try:
+                for parts in engine.labelled_parts(kept_relations):
+                    for split, part in parts:
+                        writers[split].write_table(part)
+                        documents_with_examples[split] += len(part["docid"].unique())
+                        for relation, count in zip(*_value_counts(part["relation"])):
+                            per_relation[relation][split] += count
+            finally:
+                for writer in writers.values():
+                    writer.close()
         finally:
-            for writer in writers.values():
-                writer.close()
-        shutil.rmtree(spill_dir)
+            engine.close()
 
         examples = {split: sum(c[split] for c in per_relation.values()) for split in SPLITS}
         dropped = {reason: stats[f"dropped:{reason}"]
@@ -463,8 +637,8 @@ def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
             },
             "documents_by_split": {s: stats[f"documents_{s}"] for s in SPLITS},
             "documents_with_examples": {s: documents_with_examples[s] for s in SPLITS},
-            "entity_mentions": sum(entity_counts.values()),
-            "distinct_entities": len(entity_counts),
+            "entity_mentions": mentions,
+            "distinct_entities": distinct_entities,
             "entities_kept": len(kept_entities),
             "triples_read": stats["triples"],
             "triples_dropped": dropped,
@@ -482,7 +656,7 @@ def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
         atomic_write_json(out / "relations.json", relations)
         manifest = {
             "stage": "data_trex",
-            "inputs": [file_fingerprint(p, full_hash=False) for p in paths],  # tens of GB: no hash
+            "inputs": [fingerprint_any(p, full_hash=False) for p in paths],  # tens of GB: no hash
             "parameters": {**to_plain(config), "output_dir": str(output_dir), "seed": seed},
             "counts": counts,
             "relations": {
