@@ -28,6 +28,15 @@ def is_url(path: str | Path) -> bool:
     return isinstance(path, str) and "://" in path
 
 
+def filesystem_of(path: str | Path):
+    """(fsspec filesystem, path inside it) for a URL or a local path."""
+    if is_url(path):
+        return _filesystem(str(path))
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem(), str(path)
+
+
 def _filesystem(url: str):
     import fsspec
 

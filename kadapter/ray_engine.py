@@ -20,7 +20,7 @@ gathered in input order, so the bytes do not depend on scheduling.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -162,3 +162,96 @@ class RayTrex:
     def close(self) -> None:
         self.tables = self.count_refs = []
         self.session.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+class _Parser:
+    """A parser actor: ``deps.process_batch`` on each batch, its tables written as
+    Parquet pieces (by a temporary name, then renamed: a retried batch rewrites its
+    pieces whole)."""
+
+    def __init__(self, config: Any, seed: int, pieces_dir: str, worker: int):
+        from kadapter import deps
+
+        self.config, self.seed, self.pieces_dir = config, seed, pieces_dir
+        self.parser = deps.make_parser(config, worker)
+
+    def process(self, index: int, batch: list) -> tuple[list, dict[str, str]]:
+        from kadapter import deps
+
+        result = deps.process_batch(batch, self.parser, self.config, self.seed)
+        pieces = {}
+        for split, table in result.tables.items():
+            if table.num_rows:
+                pieces[split] = write_piece(table, f"{self.pieces_dir}/{index:09d}-{split}.parquet")
+        return result.outcomes, pieces
+
+
+def write_piece(table: pa.Table, path: str) -> str:
+    import pyarrow.parquet as pq
+
+    from kadapter.fs import filesystem_of
+
+    fs, inner = filesystem_of(path)
+    fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
+    partial = f"{inner}.partial"
+    with fs.open(partial, "wb") as handle:
+        pq.write_table(table, handle, compression="zstd")
+    fs.mv(partial, inner)
+    return path
+
+
+def read_piece(path: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    from kadapter.fs import filesystem_of
+
+    fs, inner = filesystem_of(path)
+    with fs.open(inner, "rb") as handle:
+        table = pq.read_table(handle)
+    fs.rm(inner)
+    return table
+
+
+def ray_batch_results(batches: Iterator[list], config: Any, seed: int,
+                      pieces_dir: str) -> Iterator[tuple[list, Any]]:
+    """Yield (batch, ``deps.BatchResult``) in input order, the batches parsed by an actor
+    pool of ``workers`` parsers, at most ``2 * workers`` batches ahead of the consumer."""
+    import ray
+    from ray.util import ActorPool
+
+    from kadapter import deps
+    from kadapter.fs import filesystem_of
+
+    with ray_session(config.ray_address, config.workers):
+        options = {"num_gpus": config.gpus_per_parser} if config.gpus_per_parser else {}
+        actor = ray.remote(max_restarts=-1, max_task_retries=TASK_RETRIES, **options)(_Parser)
+        parsers = [actor.remote(config, seed, str(pieces_dir), worker)
+                   for worker in range(config.workers)]
+        pool = ActorPool(parsers)
+        pending: deque = deque()
+        empty = deps.SCHEMA.empty_table()
+
+        def next_result():
+            batch = pending.popleft()
+            outcomes, pieces = pool.get_next()
+            tables = {split: read_piece(pieces[split]) if split in pieces else empty
+                      for split in deps.SPLITS}
+            return batch, deps.BatchResult(outcomes, tables)
+
+        try:
+            for index, batch in enumerate(batches):
+                pool.submit(lambda parser, job: parser.process.remote(*job), (index, batch))
+                pending.append(batch)
+                if len(pending) >= 2 * config.workers:
+                    yield next_result()
+            while pending:
+                yield next_result()
+        finally:  # done, an early stop (max_sentences) or an error: stop the parsers
+            for parser in parsers:
+                ray.kill(parser)
+            fs, inner = filesystem_of(pieces_dir)
+            if fs.exists(inner):
+                fs.rm(inner, recursive=True)
