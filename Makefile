@@ -93,6 +93,7 @@ bench: $(SETUP)
 	$(PY) benchmarks/trex_throughput.py
 	$(PY) benchmarks/deps_throughput.py
 	$(PY) benchmarks/pretrain_throughput.py
+	$(PY) benchmarks/engines.py
 
 clean:
 	rm -rf data/processed/$(PRESET) runs/$(PRESET)

@@ -22,10 +22,14 @@ sentences.
 7. a document goes wholly to dev when a seeded hash of its docid falls below
    ``dev_fraction``, else to train.
 
-Pass 1 (parallel over files) parses, counts and writes each file's candidates to a
-spill parquet; passes 2 and 3 (columnar, pyarrow) apply the filters and write
-``train.parquet`` / ``dev.parquet``. Rows are ordered by input file (sorted paths),
-then docid, sentence, offsets and relation; the bytes do not depend on ``workers``.
+Pass 1 (parallel over files) decodes each file into typed structs holding only the
+fields used (msgspec; a file that does not fit them is decoded as plain dicts, where the
+checks name its bad records), counts and collects the candidates: in a spill parquet
+(``engine: local``) or as an Arrow table in Ray's object store (``engine: ray``,
+kadapter/ray_engine.py). Passes 2 and 3 (columnar, pyarrow, the same functions for
+both engines) apply the filters and write ``train.parquet`` / ``dev.parquet``. Rows are ordered by input file (sorted paths),
+then docid, sentence, offsets and relation; the bytes do not depend on ``workers`` or
+the engine.
 Every triple read is accounted for in the manifest: triples read = sum of drop
 reasons + candidates; candidates = dropped by each filter + examples.
 """
