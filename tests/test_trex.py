@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from kadapter import trex
 from kadapter.io import InputError, split_of
 from kadapter.trex import TrexConfig, build_trex_rc, read_documents, short_id
 
@@ -416,3 +417,26 @@ def test_cli_on_the_sample_preset(tmp_path, repo_root):
          "--output_dir", str(tmp_path / "x")], cwd=repo_root, capture_output=True, text=True)
     assert failed.returncode == 2
     assert f"error: {bad}, record document 0: document is a int" in failed.stderr
+
+
+def test_typed_decoding_gives_what_plain_dicts_give(tmp_path, repo_root, monkeypatch):
+    paths = sorted((repo_root / "data/sample/trex").glob("*.json"))
+    assert all(type(trex.decode_documents(p.read_bytes())[0]) is trex._Document for p in paths)
+    typed = [trex.scan_table(str(p), 3, 0.3, frozenset({"P31"}), "raise") for p in paths]
+    monkeypatch.setattr(trex, "decode_documents", trex.plain_documents)
+    plain = [trex.scan_table(str(p), 3, 0.3, frozenset({"P31"}), "raise") for p in paths]
+    for (typed_scan, typed_table), (plain_scan, plain_table) in zip(typed, plain):
+        assert typed_table.equals(plain_table) and typed_table.num_rows
+        assert typed_scan == plain_scan
+
+
+@pytest.mark.parametrize("change", [
+    {"object": {"boundaries": [60.0, 66]}},  # a float: the typed decoding refuses the file
+    {"object": {"boundaries": [60, 999]}},  # typed, the range check finds it
+])
+def test_both_decodings_name_bad_boundaries_alike(tmp_path, change):
+    doc = make_doc("Q1", SENTENCES, [(0, "P17", 1, change)])
+    path = write(tmp_path / "in/a.json", [doc])
+    with pytest.raises(InputError, match=r"document 0 \(docid .*Q1\), triple 0: boundaries "
+                                         r"\[60(\.0)?, (66|999)\] outside the text"):
+        run(tmp_path, path)
