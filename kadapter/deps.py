@@ -156,16 +156,21 @@ def check_text_file(path: Path) -> None:
             raise InputError(path, None, "contains NUL bytes: not a text file (compressed?)")
 
 
-def read_lines(path: Path, file_index: int, max_line_chars: int) -> Iterator[Line]:
-    """Yield every line of a UTF-8 text file, blank and bad ones marked with a skip reason.
+def read_lines(path: Path, file_index: int, max_line_chars: int, start: int = 0,
+               first_number: int = 1, count: int | None = None) -> Iterator[Line]:
+    """Yield every line of a UTF-8 text file, blank and bad ones marked with a skip reason
+    (or ``count`` lines from byte ``start``, the line numbered ``first_number``).
 
     Reads in binary with a bounded ``readline`` so an absurdly long line never sits in
     memory whole; a line that is not valid UTF-8 is skipped (``undecodable``), not fatal.
+    A line is what ends at a newline (or the file's end): ``line_batches`` counts alike.
     """
     limit = 4 * max_line_chars + 2  # UTF-8 needs at most 4 bytes a character, plus \r\n
+    last = None if count is None else first_number - 1 + count
     with open_binary(path) as handle:
-        number = 0
-        while raw := handle.readline(limit):
+        handle.seek(start)
+        number = first_number - 1
+        while number != last and (raw := handle.readline(limit)):
             number += 1
             if not raw.endswith(b"\n") and len(raw) == limit:
                 while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
@@ -494,6 +499,57 @@ def input_batches(files: list, config: DepsConfig) -> Iterator[list[Line]]:
     return batched(lines, config.batch_size)
 
 
+class Segment(NamedTuple):
+    """``count`` consecutive lines of input file ``file``, from byte ``start``."""
+
+    file: int
+    start: int
+    first_number: int
+    count: int
+
+
+def line_batches(files: list, batch_size: int) -> Iterator[list[Segment]]:
+    """The batches of ``input_batches`` as byte ranges, found by counting newlines (at
+    memory speed, nothing decoded): whoever parses a batch reads its lines itself."""
+    batch: list[Segment] = []
+    room = batch_size
+    for index, path in enumerate(files):
+        start, number, offset = 0, 1, 0  # current segment: first byte and line; bytes read
+        ends_with_newline = True
+        with open_binary(path) as handle:
+            while block := handle.read(1 << 22):
+                position = 0
+                while (newline := block.find(b"\n", position)) >= 0:
+                    position = newline + 1
+                    room -= 1
+                    if room == 0:
+                        end = offset + position
+                        lines = (batch_size - sum(segment.count for segment in batch))
+                        batch.append(Segment(index, start, number, lines))
+                        yield batch
+                        batch, room = [], batch_size
+                        start, number = end, number + lines
+                ends_with_newline = block.endswith(b"\n")
+                offset += len(block)
+        if not ends_with_newline:
+            room -= 1  # a last line without a newline
+        lines = batch_size - room - sum(segment.count for segment in batch)
+        if lines:
+            batch.append(Segment(index, start, number, lines))
+        if room == 0:
+            yield batch
+            batch, room = [], batch_size
+    if batch:
+        yield batch
+
+
+def read_segments(files: list, segments: list[Segment], max_line_chars: int) -> list[Line]:
+    """The lines of one ``line_batches`` batch: ``input_batches``'s batch, read here."""
+    return [line for segment in segments
+            for line in read_lines(files[segment.file], segment.file, max_line_chars,
+                                   segment.start, segment.first_number, segment.count)]
+
+
 def local_batch_results(batches: Iterator[list[Line]], config: DepsConfig,
                         seed: int) -> Iterator[tuple[list[Line], BatchResult]]:
     """Yield (batch, its result) in input order.
@@ -630,16 +686,15 @@ def build_deps(config: DepsConfig, seed: int) -> dict[str, Any]:
     with output_dir_any(config.output_dir) as tmp, \
             tqdm(total=config.max_sentences, unit="sent", desc="parse", disable=None) as progress:
         collector = Collector(tmp, files, config, progress)
-        batches = input_batches(files, config)
         if config.engine == "ray":
             from kadapter.ray_engine import ray_batch_results
 
             # Pieces go beside the outputs, where every node of a cluster can reach them.
             pieces = (f"{str(config.output_dir).rstrip('/')}.pieces" if is_url(config.output_dir)
                       else str(tmp / ".pieces"))
-            results = ray_batch_results(batches, config, seed, pieces)
+            results = ray_batch_results(files, config, seed, pieces)
         else:
-            results = local_batch_results(batches, config, seed)
+            results = local_batch_results(input_batches(files, config), config, seed)
         with closing(results):
             for batch, result in results:
                 if collector.add(batch, result):

@@ -7,11 +7,11 @@ local engine (kadapter/trex.py, kadapter/deps.py), scheduled on a Ray cluster.
   ``FAN_IN``) and only the totals reach the driver; the entity filter and the
   label/split step run as one task per file again, and the driver writes the parts in
   input-file order, the same Parquet row groups as the local engine.
-- Dependencies: Ray Data ``map_batches`` over an actor pool of parsers (``workers``
-  actors; with stanza each takes ``deps_gpus_per_actor`` GPUs). Each actor parses,
-  filters and splits its batches with ``deps.process_batch`` and writes its own Parquet
-  pieces; the driver reads the input lines (to make the very batches of the local
-  engine) and joins the pieces into train/dev.parquet in input order.
+- Dependencies: the driver finds the local engine's batches as byte ranges of the input
+  (``deps.line_batches``, counting newlines); Ray Data ``map_batches`` over an actor
+  pool of ``workers`` parsers (with stanza each takes ``gpus_per_parser`` GPUs) reads,
+  parses, filters and splits each batch (``deps.process_batch``) and writes its own
+  Parquet pieces; the driver joins the pieces into train/dev.parquet in input order.
 
 Failed tasks are retried by Ray (a killed worker process included); the results are
 gathered in input order, so the bytes do not depend on scheduling.
@@ -20,7 +20,7 @@ gathered in input order, so the bytes do not depend on scheduling.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -167,26 +167,35 @@ class RayTrex:
 # --------------------------------------------------------------------------- dependencies
 
 
-class _Parser:
-    """A parser actor: ``deps.process_batch`` on each batch, its tables written as
-    Parquet pieces (by a temporary name, then renamed: a retried batch rewrites its
-    pieces whole)."""
+class _BatchParser:
+    """A parser actor of the Ray Data pool: reads each batch's lines itself, runs
+    ``deps.process_batch`` and writes the kept sentences as Parquet pieces (by a
+    temporary name, then renamed: a retried batch rewrites its pieces whole)."""
 
-    def __init__(self, config: Any, seed: int, pieces_dir: str, worker: int):
+    def __init__(self, files: list, config: Any, seed: int, pieces_dir: str):
         from kadapter import deps
 
-        self.config, self.seed, self.pieces_dir = config, seed, pieces_dir
-        self.parser = deps.make_parser(config, worker)
+        self.files, self.config, self.seed, self.pieces_dir = files, config, seed, pieces_dir
+        self.parser = deps.make_parser(config, 0)  # Ray gives a GPU actor its own device 0
 
-    def process(self, index: int, batch: list) -> tuple[list, dict[str, str]]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import orjson
+
         from kadapter import deps
 
-        result = deps.process_batch(batch, self.parser, self.config, self.seed)
-        pieces = {}
-        for split, table in result.tables.items():
-            if table.num_rows:
-                pieces[split] = write_piece(table, f"{self.pieces_dir}/{index:09d}-{split}.parquet")
-        return result.outcomes, pieces
+        rows = []
+        for index, segments in zip(batch["index"].to_pylist(), batch["segments"].to_pylist()):
+            lines = deps.read_segments(self.files, [deps.Segment(*s) for s in orjson.loads(segments)],
+                                       self.config.max_line_chars)
+            result = deps.process_batch(lines, self.parser, self.config, self.seed)
+            row = {"index": index,
+                   "lines": orjson.dumps([(line.file, line.number, line.skip) for line in lines]),
+                   "outcomes": orjson.dumps(result.outcomes)}
+            for split, table in result.tables.items():
+                row[split] = (write_piece(table, f"{self.pieces_dir}/{index:09d}-{split}.parquet")
+                              if table.num_rows else "")
+            rows.append(row)
+        return pa.Table.from_pylist(rows)
 
 
 def write_piece(table: pa.Table, path: str) -> str:
@@ -215,43 +224,41 @@ def read_piece(path: str) -> pa.Table:
     return table
 
 
-def ray_batch_results(batches: Iterator[list], config: Any, seed: int,
+def ray_batch_results(files: list, config: Any, seed: int,
                       pieces_dir: str) -> Iterator[tuple[list, Any]]:
-    """Yield (batch, ``deps.BatchResult``) in input order, the batches parsed by an actor
-    pool of ``workers`` parsers, at most ``2 * workers`` batches ahead of the consumer."""
-    import ray
-    from ray.util import ActorPool
+    """Yield (batch, ``deps.BatchResult``) in input order: the batches of the local engine
+    (``deps.line_batches``, as byte ranges) parsed by Ray Data ``map_batches`` over an
+    actor pool of ``workers`` parsers."""
+    import orjson
+    import ray.data
 
     from kadapter import deps
     from kadapter.fs import filesystem_of
 
+    batches = [{"index": index, "segments": orjson.dumps([tuple(s) for s in segments])}
+               for index, segments in enumerate(deps.line_batches(files, config.batch_size))]
     with ray_session(config.ray_address, config.workers):
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # results in input order
+        context.enable_progress_bars = False
         options = {"num_gpus": config.gpus_per_parser} if config.gpus_per_parser else {}
-        actor = ray.remote(max_restarts=-1, max_task_retries=TASK_RETRIES, **options)(_Parser)
-        parsers = [actor.remote(config, seed, str(pieces_dir), worker)
-                   for worker in range(config.workers)]
-        pool = ActorPool(parsers)
-        pending: deque = deque()
+        dataset = ray.data.from_items(batches, override_num_blocks=min(len(batches), 4096))
+        parsed = dataset.map_batches(
+            _BatchParser, fn_constructor_args=(files, config, seed, str(pieces_dir)),
+            batch_size=1, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=config.workers), **options)
         empty = deps.SCHEMA.empty_table()
-
-        def next_result():
-            batch = pending.popleft()
-            outcomes, pieces = pool.get_next()
-            tables = {split: read_piece(pieces[split]) if split in pieces else empty
-                      for split in deps.SPLITS}
-            return batch, deps.BatchResult(outcomes, tables)
-
+        rows = iter(parsed.iter_rows())  # a generator: closing it stops the pipeline
         try:
-            for index, batch in enumerate(batches):
-                pool.submit(lambda parser, job: parser.process.remote(*job), (index, batch))
-                pending.append(batch)
-                if len(pending) >= 2 * config.workers:
-                    yield next_result()
-            while pending:
-                yield next_result()
+            for row in rows:
+                batch = [deps.Line(file, number, "", skip)
+                         for file, number, skip in orjson.loads(row["lines"])]
+                tables = {split: read_piece(row[split]) if row[split] else empty
+                          for split in deps.SPLITS}
+                yield batch, deps.BatchResult([tuple(o) for o in orjson.loads(row["outcomes"])],
+                                              tables)
         finally:  # done, an early stop (max_sentences) or an error: stop the parsers
-            for parser in parsers:
-                ray.kill(parser)
+            rows.close()
             fs, inner = filesystem_of(pieces_dir)
             if fs.exists(inner):
                 fs.rm(inner, recursive=True)

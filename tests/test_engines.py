@@ -223,7 +223,7 @@ def test_deps_killed_parser_is_retried(tmp_path, repo_root, local_ray):
     def first_piece_written() -> bool:
         return any(tmp_path.glob(".ray*/.pieces/*.parquet"))
 
-    kill_when(first_piece_written, "ray::_Parser", killed, thread)
+    kill_when(first_piece_written, "ray::MapWorker", killed, thread)
     thread.join()
     assert killed, "no parser was seen at work"
     assert "error" not in result, result.get("error")
