@@ -21,6 +21,13 @@ the sample's sentences a second per core, 2.5-3x its full pipeline
 training inputs: sub-word ids plus, at the first sub-token of each word, the
 position of its head word's first sub-token (see their docstrings).
 
+Work is done in batches of ``batch_size`` lines: a worker parses a batch, filters and
+splits its sentences and hands back Arrow tables (``process_batch``), so the main
+process only counts outcomes and writes columns. ``engine: local`` runs the workers as
+a process pool fed by the main process; ``engine: ray`` (kadapter/ray_engine.py) finds
+the same batches as byte ranges (``line_batches``) and lets an actor pool of parsers
+read, parse and write them. Both write the same bytes.
+
 Nothing is dropped silently: every skipped line and sentence is counted by reason in
 ``manifest.json``; outputs appear whole or not at all.
 """
