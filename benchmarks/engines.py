@@ -118,14 +118,17 @@ def main() -> None:
                             row[f"{size}_{unit.lower()}"] = amount
                             if size == "full":
                                 digests[stage].add(digest(out, names))
-                        marginal = ((row[f"full_{unit.lower()}"] - row[f"small_{unit.lower()}"])
-                                    / max(row["full_seconds"] - row["small_seconds"], 1e-9))
-                        row[f"{unit.lower()}_per_s"] = round(marginal, 1)
-                        row[f"{unit.lower()}_per_s_per_worker"] = round(marginal / workers, 1)
+                        extra = row["full_seconds"] - row["small_seconds"]
+                        # a difference under a tenth of the full run is noise (a loaded machine)
+                        marginal = (None if extra < 0.1 * row["full_seconds"] else
+                                    (row[f"full_{unit.lower()}"] - row[f"small_{unit.lower()}"]) / extra)
+                        row[f"{unit.lower()}_per_s"] = marginal and round(marginal, 1)
+                        row[f"{unit.lower()}_per_s_per_worker"] = marginal and round(marginal / workers, 1)
                         report["stages"].setdefault(stage, {}).setdefault(engine, {})[str(workers)] = row
+                        rate = ("too noisy to tell" if marginal is None else
+                                f"{marginal:.1f} {unit}/s, {marginal / workers:.1f} per worker")
                         print(f"{stage} {engine} workers={workers}: {row['small_seconds']}s / "
-                              f"{row['full_seconds']}s -> {marginal:.1f} {unit}/s, "
-                              f"{marginal / workers:.1f} per worker", flush=True)
+                              f"{row['full_seconds']}s -> {rate}", flush=True)
                 finally:
                     if engine == "ray":
                         ray.shutdown()
@@ -133,7 +136,9 @@ def main() -> None:
             key = f"{unit.lower()}_per_s_per_worker"
             by_engine = report["stages"][stage]
             report["stages"][stage]["ray_vs_local_per_worker"] = {
-                str(w): round(by_engine["ray"][str(w)][key] / by_engine["local"][str(w)][key], 2)
+                str(w): (round(by_engine["ray"][str(w)][key] / by_engine["local"][str(w)][key], 2)
+                         if by_engine["ray"][str(w)][key] and by_engine["local"][str(w)][key]
+                         else None)
                 for w in args.workers}
             report["stages"][stage]["outputs_identical"] = len(digests[stage]) == 1
             print(f"{stage}: Ray / local per-worker rate "

@@ -246,3 +246,21 @@ def test_deps_bad_input_as_on_the_local_engine(tmp_path, local_ray):
     assert errors[0] == errors[1] and "NUL bytes" in errors[0]
     assert errors[2] == errors[3] and "no sentence kept" in errors[2]
     assert not (tmp_path / "local").exists() and not (tmp_path / "ray").exists()
+
+
+def test_deps_inputs_and_outputs_by_url(tmp_path, repo_root):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    inputs = books(tmp_path / "books", repo_root, files=2, lines=15)
+    for path in sorted(inputs.iterdir()):
+        memory.pipe(f"/books-in/{path.name}", path.read_bytes())
+    deps_run("memory://books-in", "memory://books-out")
+    deps_run(inputs, tmp_path / "local")
+    for name in DEPS_OUTPUTS:
+        assert memory.cat(f"/books-out/{name}") == (tmp_path / "local" / name).read_bytes()
+    manifest = json.loads(memory.cat("/books-out/manifest.json"))
+    local = json.loads((tmp_path / "local/manifest.json").read_text())
+    assert manifest["counts"] == local["counts"]
+    assert [i["sha256"] for i in manifest["inputs"]] == [i["sha256"] for i in local["inputs"]]
+    assert manifest["skipped_line_examples"][0]["file"].startswith("memory://")
