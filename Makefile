@@ -1,5 +1,6 @@
 # kadapter: every target builds what it needs first; a second run redoes nothing current.
 #   make all            whole pipeline on PRESET (default: sample, runs on a laptop CPU)
+#   make report         runs/$(PRESET)/report.md: counts, metrics, figures, environment
 #   make test           the test suite
 #   PRESET=paper make pretrain-fac   roberta-large and the raw dumps (paths in configs/paper.yaml)
 
@@ -32,12 +33,15 @@ TREX := $(PROC)/trex_rc/manifest.json
 DEPS := $(PROC)/deps/manifest.json
 FAC := $(RUNS)/fac-adapter/adapter_config.json
 LIN := $(RUNS)/lin-adapter/adapter_config.json
+FEATURES := $(PROC)/features
+FT_TASKS := typing figer csqa cosmosqa tacred
+FEATURES_FT := $(foreach t,$(FT_TASKS),$(FEATURES)/$(t).json)
 FINETUNE := $(RUNS)/results.md
 LAMA := $(RUNS)/lama/results.json
 
-.PHONY: all setup test lint data data-trex data-deps pretrain pretrain-fac pretrain-lin \
+.PHONY: all setup test lint data data-trex data-deps features pretrain pretrain-fac pretrain-lin \
 	finetune finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred \
-	eval-lama bench tiny-model clean
+	eval-lama report bench bench-scale tiny-model clean
 
 all: data pretrain finetune eval-lama
 
@@ -68,32 +72,52 @@ data-deps: $(DEPS)
 $(DEPS): $(SETUP) $(CONFIG) $(LIB) pipelines/data_deps.py $(SAMPLE)
 	$(PY) -m pipelines.data_deps --config $(CONFIG)
 
+# The feature stage tokenizes once, in parallel, before any (multi-GPU) launch; training
+# runs only map its cache. <task>.json is its stamp (the caches' keys and counts).
+features: $(FEATURES)/fac.json $(FEATURES)/lin.json $(FEATURES_FT)
+$(FEATURES)/fac.json: $(TREX) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/features.py
+	$(PY) -m pipelines.features --config $(CONFIG) --task fac
+$(FEATURES)/lin.json: $(DEPS) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/features.py
+	$(PY) -m pipelines.features --config $(CONFIG) --task lin
+$(FEATURES_FT): $(FEATURES)/%.json: $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/features.py $(SAMPLE)
+	$(PY) -m pipelines.features --config $(CONFIG) --task $*
+
 pretrain: pretrain-fac pretrain-lin
 pretrain-fac: $(FAC)
-$(FAC): $(TREX) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain.py
+$(FAC): $(TREX) $(FEATURES)/fac.json $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain.py
 	$(LAUNCH) -m pipelines.pretrain --config $(CONFIG) --task fac
 pretrain-lin: $(LIN)
-$(LIN): $(DEPS) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain.py
+$(LIN): $(DEPS) $(FEATURES)/lin.json $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain.py
 	$(LAUNCH) -m pipelines.pretrain --config $(CONFIG) --task lin
 
 # Each task x variant is one run, skipped when its inputs are unchanged. The sample preset
 # runs them all in one process (no launcher start-up 20 times); others launch each run.
 FINETUNE_LAUNCH := $(if $(filter sample,$(PRESET)),,$(LAUNCH))
 finetune: $(FINETUNE)
-$(FINETUNE): $(FAC) $(LIN) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/finetune.py pipelines/finetune_all.py $(SAMPLE)
+$(FINETUNE): $(FAC) $(LIN) $(FEATURES_FT) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/finetune.py pipelines/finetune_all.py $(SAMPLE)
 	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(FINETUNE_LAUNCH)"
-finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred: $(FAC) $(LIN) $(MODEL_DEPS)
+finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred: finetune-%: $(FAC) $(LIN) $(FEATURES)/%.json $(MODEL_DEPS)
 	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(FINETUNE_LAUNCH)" --tasks "[$(subst finetune-,,$@)]"
 
 eval-lama: $(LAMA)
 $(LAMA): $(FAC) $(LIN) $(MODEL_DEPS) $(CONFIG) $(LIB) $(SAMPLE) pipelines/eval_lama.py
 	$(PY) -m pipelines.eval_lama --config $(CONFIG)
 
+# runs/<preset>/report.md from what the stages wrote (run after make all; nothing is rerun)
+report: $(SETUP)
+	$(PY) -m pipelines.report --config $(CONFIG)
+
 bench: $(SETUP)
 	$(PY) benchmarks/trex_throughput.py
 	$(PY) benchmarks/deps_throughput.py
 	$(PY) benchmarks/pretrain_throughput.py
 	$(PY) benchmarks/engines.py
+
+# Synthetic inputs at three sizes (x4 each): T-REx stage, feature stage, fine-tuning load.
+# Full ladder by default (~10 min on 2 quiet cores); BENCH_SCALE_ARGS="--top 0.25" for a quarter.
+BENCH_SCALE_ARGS ?=
+bench-scale: $(SETUP) $(MODEL_DEPS)
+	$(PY) benchmarks/paper_scale.py $(BENCH_SCALE_ARGS)
 
 clean:
 	rm -rf data/processed/$(PRESET) runs/$(PRESET)

@@ -17,10 +17,16 @@ frozen encoder of RoBERTa shape with random weights (no hub here):
 
 Throughput counts real (non-pad) tokens per second of wall time over the timed steps
 (after ``--warmup`` untimed ones); the two paths take turns step by step, so a machine
-shared with other work slows both alike. MFU = real tokens/s x model FLOPs per token (encoder
-forward + 3 x adapter forward, attention included) / the device's peak; null unless the
-peak is known (H100/H200: 800 TFLOP/s bf16 dense as measured on these machines, or
-``--peak-tflops``). Before timing, both paths compute the loss of one batch with dropout
+shared with other work slows both alike. Achieved GFLOP/s = real tokens/s x model FLOPs
+per token (encoder forward + 3 x adapter forward, attention included; padding is not
+useful work). Two yardsticks: this machine's own matrix-multiply rate, measured in the
+same run (best of repeated (batch x max_length, hidden) @ (hidden, ffn) products in the
+dtype ours computes in: fp32 on CPU, bf16 on CUDA; the better of a measurement before
+and one after the steps), and MFU against the device's
+datasheet peak (H100 SXM / H200: 989 TFLOP/s dense bf16, H100 PCIe 756; null for other
+devices unless ``--peak-tflops``). On CUDA the peak memory allocated is reported too:
+over the whole run, and per path the most a training step adds above what was
+allocated before it. Before timing, both paths compute the loss of one batch with dropout
 off; "first_step_losses_agree" says whether they matched (padding and precision must not
 change the result). Results are merged into ``runs/bench/pretrain_throughput.json`` (a
 list of runs; a run of the same device and shape is replaced).
@@ -60,7 +66,8 @@ SHAPES = {  # RoBERTa shapes; adapter positions: embeddings, middle, last-but-on
 }
 VOCAB = 50265
 MAX_LENGTH = 64
-PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0}  # bf16 dense, measured on the lent machines
+# dense bf16 datasheet peaks, most specific name first
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0}
 
 
 def sample_features(workdir: Path):
@@ -144,6 +151,28 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def matmul_gflops(device, dtype, rows: int, inner: int, cols: int, seconds: float = 1.0) -> float:
+    """Best rate of ``(rows, inner) @ (inner, cols)`` products on ``device`` over ~``seconds``."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, inner, generator=generator).to(device, dtype)
+    b = torch.randn(inner, cols, generator=generator).to(device, dtype)
+    flops = 2.0 * rows * inner * cols
+    repeats = 1
+    best = math.inf
+    deadline = time.perf_counter() + seconds
+    torch.mm(a, b)  # warm-up: kernels chosen, memory allocated
+    while time.perf_counter() < deadline or best == math.inf:
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        synchronize(device)
+        elapsed = (time.perf_counter() - started) / repeats
+        best = min(best, elapsed)
+        repeats = max(1, min(1000, int(0.05 / max(elapsed, 1e-9))))  # ~50 ms per timing
+    return flops / best / 1e9
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     shape = SHAPES[args.shape]
@@ -172,12 +201,29 @@ def run(args) -> dict:
     plans = {name: batches(table, args.batch_size, args.warmup + args.steps, name == "ours")
              for name in paths}
     measured = {name: {"seconds": 0.0, "real_tokens": 0, "padded_tokens": 0} for name in paths}
+    step_extra_bytes = dict.fromkeys(paths, 0)  # CUDA: most a step allocates above its start
+    cuda = device.type == "cuda"
+    # the machine's matmul rate, before and after the steps (the better of the two counts)
+    matmul_dtype = torch.bfloat16 if cuda else torch.float32
+    matmul_shape = (args.batch_size * MAX_LENGTH, shape["hidden"], shape["ffn"])
+    matmul_before = matmul_gflops(device, matmul_dtype, *matmul_shape)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    run_peak = 0
     for step in range(args.warmup + args.steps):
         for name, path in paths.items():
             synchronize(device)
+            if cuda:
+                before = torch.cuda.memory_allocated(device)
+                run_peak = max(run_peak, torch.cuda.max_memory_allocated(device))
+                torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
             real, padded = path.step(table, plans[name][step])
             synchronize(device)
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(device)
+                run_peak = max(run_peak, peak)
+                step_extra_bytes[name] = max(step_extra_bytes[name], peak - before)
             if step >= args.warmup:
                 totals = measured[name]
                 totals["seconds"] += time.perf_counter() - started
@@ -196,10 +242,21 @@ def run(args) -> dict:
                                                    shape["hidden"], int(mean_length))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    matmul = max(matmul_before, matmul_gflops(device, matmul_dtype, *matmul_shape))
+    print(f"matrix multiply ({args.batch_size * MAX_LENGTH} x {shape['hidden']} @ "
+          f"{shape['hidden']} x {shape['ffn']}, {str(matmul_dtype).removeprefix('torch.')}, "
+          f"{torch.get_num_threads()} threads): {matmul:,.1f} GFLOP/s")
 
     def mfu(tokens_per_s: float) -> float | None:
         return None if peak is None else tokens_per_s * flops_per_token / (peak * 1e12)
 
+    def gflops(tokens_per_s: float) -> float:
+        return tokens_per_s * flops_per_token / 1e9
+
+    for name, totals in measured.items():
+        rate = gflops(totals["tokens_per_s"])
+        print(f"{name:>8}: {rate:10,.1f} GFLOP/s achieved = {rate / matmul:.1%} of the measured "
+              "matrix-multiply rate")
     ratio = measured["ours"]["tokens_per_s"] / measured["baseline"]["tokens_per_s"]
     result = {
         "device": device_name, "shape": args.shape, "steps": args.steps, "warmup": args.warmup,
@@ -211,6 +268,17 @@ def run(args) -> dict:
         "mfu": mfu(measured["ours"]["tokens_per_s"]),
         "baseline_mfu": mfu(measured["baseline"]["tokens_per_s"]),
         "peak_tflops": peak, "model_flops_per_token": flops_per_token,
+        "ours_gflops": round(gflops(measured["ours"]["tokens_per_s"]), 2),
+        "baseline_gflops": round(gflops(measured["baseline"]["tokens_per_s"]), 2),
+        "matmul_gflops": round(matmul, 2),
+        "matmul": {"rows": args.batch_size * MAX_LENGTH, "inner": shape["hidden"],
+                   "cols": shape["ffn"], "dtype": str(matmul_dtype).removeprefix("torch.")},
+        "ours_fraction_of_matmul": round(gflops(measured["ours"]["tokens_per_s"]) / matmul, 4),
+        "baseline_fraction_of_matmul": round(
+            gflops(measured["baseline"]["tokens_per_s"]) / matmul, 4),
+        "peak_gpu_memory_gb": round(run_peak / 1e9, 3) if cuda else None,
+        "step_peak_extra_gpu_memory_gb": (
+            {k: round(v / 1e9, 3) for k, v in step_extra_bytes.items()} if cuda else None),
         "first_step_losses_agree": agree,
         "first_step_loss": {k: round(v, 6) for k, v in first.items()},
         "padding_share": {k: round(1 - v["real_tokens"] / v["padded_tokens"], 3)
@@ -220,6 +288,9 @@ def run(args) -> dict:
     mfu_text = "n/a (no known peak)" if result["mfu"] is None else f"{result['mfu']:.1%}"
     print(f"ratio ours/baseline {ratio:.2f}x; MFU {mfu_text}; first-step losses "
           f"{first['ours']:.6f} vs {first['baseline']:.6f} ({'agree' if agree else 'DIFFER'})")
+    if cuda:
+        print(f"peak GPU memory {result['peak_gpu_memory_gb']:.2f} GB; per step above its start: "
+              + ", ".join(f"{k} {v:.2f} GB" for k, v in result["step_peak_extra_gpu_memory_gb"].items()))
     return result
 
 

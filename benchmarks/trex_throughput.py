@@ -40,8 +40,9 @@ TARGET_MB_PER_S_PER_WORKER = 100.0
 
 
 def renamed(uri: str, group: int) -> str:
-    """Q123 -> Q123g4: the same entity within a group, another one across groups."""
-    return f"{uri}g{group}" if uri.startswith(WIKIDATA_ENTITY) else uri
+    """Q123 -> Q1234 (group 4; n -> 10n + group is one-to-one, and still an entity URI):
+    the same entity within a group, another one across groups."""
+    return f"{uri}{group}" if uri.startswith(WIKIDATA_ENTITY + "Q") else uri
 
 
 def perturbed(doc: dict, copy: int) -> dict:

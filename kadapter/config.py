@@ -15,12 +15,15 @@ Rules:
   default, is replaced by the preset's name, so defaults like
   ``data/processed/{preset}/trex_rc`` follow the preset.
 - Overrides are ``--section.field value`` or, for the pipeline's own section,
-  ``--field value``; values are parsed as YAML (``--workers 4``, ``--positions [0,11,23]``).
+  ``--field value`` (``--field=value`` alike); values are parsed as YAML (``--workers 4``,
+  ``--positions [0,11,23]``, booleans ``true`` / ``false``). A misspelt key or section is an
+  error that suggests the closest known name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import sys
 import types
@@ -45,6 +48,12 @@ TOP_LEVEL = {"preset": str, "seed": int}
 
 class ConfigError(ValueError):
     """A configuration file or override is malformed; the message names where."""
+
+
+def did_you_mean(name: str, known: list[str] | set[str], prefix: str = "") -> str:
+    """``" (did you mean --data_trex?)"`` for the closest known name, or ``""``."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
 @dataclasses.dataclass
@@ -159,7 +168,8 @@ def build(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(fields)}"
+            f"{where}: unknown key(s) {unknown} for {cls.__name__}"
+            f"{did_you_mean(unknown[0], set(fields))}; known: {sorted(fields)}"
         )
     kwargs = {k: coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
@@ -195,8 +205,8 @@ def parse_overrides(argv: list[str], default_section: str | None) -> dict[str, A
         key = argv[i]
         if not key.startswith("--") or len(key) <= 2:
             raise ConfigError(f"command line: expected --key value, got {key!r}")
-        key = key[2:].replace("-", "_")
-        if "=" in key:
+        key = key[2:]
+        if "=" in key:  # --key=value: the value is kept exactly as written
             key, raw = key.split("=", 1)
             i += 1
         else:
@@ -204,6 +214,7 @@ def parse_overrides(argv: list[str], default_section: str | None) -> dict[str, A
                 raise ConfigError(f"command line: --{key} needs a value")
             raw = argv[i + 1]
             i += 2
+        key = key.replace("-", "_")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
@@ -211,7 +222,9 @@ def parse_overrides(argv: list[str], default_section: str | None) -> dict[str, A
         path = key.split(".")
         if path[0] not in TOP_LEVEL and path[0] not in SECTIONS:
             if default_section is None:
-                raise ConfigError(f"command line: --{key} needs a section (--section.{key})")
+                raise ConfigError(f"command line: --{key} needs a section (--section.{key})"
+                                  f"{did_you_mean(path[0], set(SECTIONS) | set(TOP_LEVEL), '--')}")
+            _check_section_key(key, path[0], default_section)
             path = [default_section, *path]
         node = tree
         for part in path[:-1]:
@@ -220,6 +233,20 @@ def parse_overrides(argv: list[str], default_section: str | None) -> dict[str, A
                 raise ConfigError(f"command line: --{key} conflicts with another override")
         node[path[-1]] = value
     return tree
+
+
+def _check_section_key(key: str, name: str, section: str) -> None:
+    """``--data_tre.workers`` in the pretrain_fac stage: neither a section nor a field of
+    pretrain_fac; say which name was meant (the closest field or section)."""
+    fields = {f.name for f in dataclasses.fields(section_class(section))}
+    if name in fields:
+        return
+    known = fields | set(SECTIONS) | set(TOP_LEVEL)
+    hint = did_you_mean(name, known, "--")
+    if "." in key and hint:
+        hint = hint.replace("?)", f"{key[len(name):]}?)")
+    raise ConfigError(f"command line: --{key}: unknown key(s) [{name!r}] for section "
+                      f"{section!r}{hint}")
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -249,7 +276,9 @@ def load_config(
     unknown = sorted(set(raw) - set(TOP_LEVEL) - set(SECTIONS))
     if unknown:
         raise ConfigError(
-            f"{path}: unknown top-level key(s) {unknown}; known: {sorted(TOP_LEVEL) + sorted(SECTIONS)}"
+            f"{path}: unknown top-level key(s) {unknown}"
+            f"{did_you_mean(unknown[0], set(TOP_LEVEL) | set(SECTIONS))}; "
+            f"known: {sorted(TOP_LEVEL) + sorted(SECTIONS)}"
         )
     preset = raw.get("preset", path.stem)
     if not isinstance(preset, str) or not preset:
@@ -265,6 +294,43 @@ def load_config(
     return Config(preset=preset, seed=seed, sections=sections, source=str(path))
 
 
+def shipped_presets() -> dict[str, Path]:
+    """The presets shipped with the code, by name: ``kadapter/presets/*.yaml`` in an
+    installed package (pyproject.toml maps ``configs/`` there), ``configs/*.yaml`` in a
+    source checkout."""
+    package = Path(__file__).resolve().parent
+    for directory in (package / "presets", package.parent / "configs"):
+        if directory.is_dir():
+            return {p.stem: p for p in sorted(directory.glob("*.yaml"))}
+    return {}
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """``--config`` value -> a preset file: an existing path, else a shipped preset's name
+    (``paper``, ``sample``). Relative paths inside a preset resolve against the current
+    directory, as every path on the command line does."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    presets = shipped_presets()
+    if name_or_path in presets:
+        shipped = presets[name_or_path]
+        cwd = Path.cwd().resolve()
+        return shipped.relative_to(cwd) if shipped.is_relative_to(cwd) else shipped
+    hint = did_you_mean(name_or_path, set(presets))
+    raise ConfigError(f"config {name_or_path!r} not found: neither a file nor a shipped preset "
+                      f"({', '.join(presets) or 'none found'}){hint}")
+
+
+def parse_bool(value: str, where: str) -> bool:
+    """``true`` / ``false`` (any case) -> bool; anything else is an error."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str) or value.strip().lower() not in ("true", "false"):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value.strip().lower() == "true"
+
+
 def dataclass_defaults(cls: type) -> dict[str, Any]:
     """The default values of a config dataclass (for docs and tests)."""
     return to_plain(cls())
@@ -277,7 +343,10 @@ __all__ = [
     "build",
     "coerce",
     "load_config",
+    "parse_bool",
     "parse_overrides",
+    "resolve_preset",
+    "shipped_presets",
     "to_plain",
     "dataclass_defaults",
 ]

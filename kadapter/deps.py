@@ -50,7 +50,6 @@ from typing import Any, Literal, NamedTuple
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from kadapter.config import to_plain
 from kadapter.fs import (
@@ -62,6 +61,7 @@ from kadapter.fs import (
     size_of,
 )
 from kadapter.io import InputError, atomic_write_json, file_fingerprint, split_of, versions
+from kadapter.progress import progress as progress_bar
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "dev")
@@ -169,7 +169,9 @@ def read_lines(path: Path, file_index: int, max_line_chars: int, start: int = 0,
     (or ``count`` lines from byte ``start``, the line numbered ``first_number``).
 
     Reads in binary with a bounded ``readline`` so an absurdly long line never sits in
-    memory whole; a line that is not valid UTF-8 is skipped (``undecodable``), not fatal.
+    memory whole; a line that is not valid UTF-8 is skipped (``undecodable``), not fatal,
+    and so is a line holding a NUL byte (``binary``: the up-front sniff reads only the
+    file's start, so binary junk further on is caught line by line).
     A line is what ends at a newline (or the file's end): ``line_batches`` counts alike.
     """
     limit = 4 * max_line_chars + 2  # UTF-8 needs at most 4 bytes a character, plus \r\n
@@ -183,6 +185,9 @@ def read_lines(path: Path, file_index: int, max_line_chars: int, start: int = 0,
                 while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
                     pass  # skip the remainder of the long line
                 yield Line(file_index, number, "", "too_long")
+                continue
+            if b"\0" in raw:
+                yield Line(file_index, number, "", "binary")
                 continue
             try:
                 text = raw.decode("utf-8")
@@ -632,7 +637,7 @@ class SplitWriter:
 class Collector:
     """Counts and writes the batch results in input order, up to ``max_sentences``."""
 
-    def __init__(self, out: Path, files: list, config: DepsConfig, progress: tqdm):
+    def __init__(self, out: Path, files: list, config: DepsConfig, progress: Any):
         self.files, self.max_sentences, self.progress = files, config.max_sentences, progress
         self.writers = {split: SplitWriter(out / f"{split}.parquet") for split in SPLITS}
         self.lines_seen: Counter = Counter()  # read, parsed, and each skip reason
@@ -690,8 +695,8 @@ def build_deps(config: DepsConfig, seed: int) -> dict[str, Any]:
         print(f"warning: {path} is empty", file=sys.stderr)
     parser_info = describe_parser(config)  # fails here, before any work, if the model is missing
 
-    with output_dir_any(config.output_dir) as tmp, \
-            tqdm(total=config.max_sentences, unit="sent", desc="parse", disable=None) as progress:
+    with output_dir_any(config.output_dir, stage="data_deps") as tmp, \
+            progress_bar(total=config.max_sentences, unit="sent", desc="parse") as progress:
         collector = Collector(tmp, files, config, progress)
         if config.engine == "ray":
             from kadapter.ray_engine import ray_batch_results

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,17 +31,32 @@ import torch
 from torch import nn
 
 from kadapter.config import Config, ConfigError, build, to_plain
-from kadapter.io import atomic_write_json, file_fingerprint, fingerprint_of, replace_dir, versions
+from kadapter.io import (
+    OUTPUT_MARKER,
+    InputError,
+    atomic_write_json,
+    file_fingerprint,
+    fingerprint_of,
+    replace_dir,
+    versions,
+)
 from kadapter.metrics import main_metric, score, score_file, write_predictions
-from kadapter.tasks import TASKS, Encoded, Task, collate
+from kadapter.precision import check_bf16
+from kadapter.tasks import TASKS, BadRecord, Encoded, SkippedRecords, Task, collate
 from kadapter.training import (
+    CURVES_FILE,
     TrainingConfig,
+    batch_plan,
     make_accelerator,
+    plot_curves,
+    precision_of,
     predict_in_order,
+    read_metrics,
     train,
 )
 
 ADAPTER_NAMES = ("fac", "lin")
+MODEL_DIR = "model"  # the run's loadable model directory (kadapter.inference.load_finetuned)
 # --adapters value -> (run directory name, row label of the results table)
 VARIANTS = {"none": ("encoder", "encoder"), "fac": ("fac", "+F"), "lin": ("lin", "+L"),
             "fac,lin": ("fac+lin", "+F+L")}
@@ -57,7 +73,9 @@ class TaskConfig(TrainingConfig):
     """Training file inside data_dir; None = the upstream name (train.json,
     train_rand_split.jsonl, ...)."""
     dev_file: str | None = None
-    """Dev file inside data_dir; None = the upstream name (dev.json, valid.jsonl, ...)."""
+    """Dev file inside data_dir; None = the upstream name (dev.json, valid.jsonl, ...).
+    CosmosQA: the release's valid.csv when present, else the leaderboard's valid.jsonl
+    (labels in valid-labels.lst beside it, or in each record)."""
     test_file: str | None = None
     """Test file inside data_dir; None = the upstream name (test.json,
     test_rand_split_no_answers.jsonl, ...). Unlabelled test files are predicted, not scored."""
@@ -66,13 +84,26 @@ class TaskConfig(TrainingConfig):
     inputs are cut to a window around the markers, multiple-choice inputs truncated."""
     dropout: float = 0.1
     """Dropout before the task head's output layer."""
+    classifier: Literal["linear", "original"] = "linear"
+    """Entity typing and TACRED heads: ``linear`` (ours) = dropout -> one linear layer on
+    the pooled mention(s); ``original`` = the original's dense (-> hidden size) -> dropout
+    -> out_proj, two linear layers with no nonlinearity between them. Multiple-choice
+    heads are dropout -> linear in both."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A bad record (span out of range or empty, overlapping subject and object, unknown
+    label, missing field, invalid JSON line): ``raise`` stops with an error naming file
+    and record; ``skip`` leaves it out and counts it by reason in manifest.json
+    (``skipped_records``, with the first 20 locations)."""
     pooling: Literal["entity", "marker"] = "entity"
     """Mention pooling: mean over the mention's sub-words (entity, as in pretraining) or
     the opening marker's state (marker, the original code)."""
     labels: list[str] | None = None
-    """Label set (types / relations); None = the task's standard set (OpenEntity's 9
-    types, TACRED's 42 relations) or, for FIGER, every type seen in its three files.
-    A label outside the set is an input error."""
+    """Label set (types / relations); None = labels_file, else the task's standard set
+    (OpenEntity's 9 types, TACRED's 42 relations). FIGER has no standard set here: give
+    labels or labels_file. A label outside the set is an input error."""
+    labels_file: str | None = None
+    """A file holding the label set, one label per line (blank lines ignored), used when
+    labels is None: e.g. FIGER's 113 types."""
     max_train_negatives: int | None = None
     """TACRED only: keep the first N no_relation training examples (the original's
     --negative_sample); None = keep all."""
@@ -106,11 +137,16 @@ class FinetuneConfig:
     variants: list[str] = field(default_factory=lambda: ["none", "fac", "lin", "fac,lin"])
     """Variants run by pipelines.finetune_all (rows of the results table)."""
     fac_adapter: str = "runs/{preset}/fac-adapter"
-    """Directory of the factual adapter (written by pretraining, or any adapter directory)."""
+    """The factual adapter: a directory (written by pretraining or pipelines.convert_original)
+    or a Hub id (``owner/name``, ``owner/name@revision``)."""
     lin_adapter: str = "runs/{preset}/lin-adapter"
-    """Directory of the linguistic adapter."""
+    """The linguistic adapter: a directory or a Hub id."""
     combine: Literal["concat", "add"] = "concat"
     """How adapter outputs join the encoder's last state (kadapter.modeling.Combiner)."""
+    adapter_dropout: bool = False
+    """Dropout inside the frozen adapters while fine-tuning: false (ours) runs them in eval
+    mode, as fixed feature extractors; true keeps their dropout on in training, as the
+    original does (it never switches them to eval)."""
     output_dir: str = "runs/{preset}/finetune"
     """Root of the runs: <output_dir>/<task>/<variant>/."""
     results: str = "runs/{preset}/results.md"
@@ -121,6 +157,20 @@ class FinetuneConfig:
     launch``); null or empty = run every task and variant in this process."""
     resume: bool = False
     """Continue an interrupted run from its latest checkpoint."""
+    bf16: Literal["auto", True, False] = "auto"
+    """Mixed precision of every task whose own ``bf16`` is ``auto``: true = bf16 autocast
+    on any device, false = none, auto = Accelerate's setting or the device's
+    (kadapter/precision.py). The encoder trains with fp32 master weights either way."""
+    seeds: list[int] | None = None
+    """pipelines.finetune_all: run every task and variant once per seed, each seed in its
+    own tree <output_dir>/seed-<n>/<task>/<variant>/; results.md and results.png then
+    show mean ± std over the seeds. None = one run with the preset's seed, in
+    <output_dir>/<task>/<variant>/."""
+    cache_dir: str = "data/processed/{preset}/features"
+    """Where the feature stage caches each task's tokenized features (one directory per
+    key: task, tokenizer, input files, max_length, labels), shared by every variant."""
+    feature_workers: int = 0
+    """Processes that build a missing feature cache (0 = every core)."""
     typing: TaskConfig = _task("data/sample/openentity")
     """OpenEntity entity typing: a TaskConfig (its keys: kadapter/finetune.py and training.py);
     override one key as --finetune.typing.<key> value."""
@@ -144,6 +194,9 @@ class FinetuneConfig:
         for variant in self.variants:
             canonical_variant(variant)
         canonical_variant(self.adapters)
+        check_bf16(self.bf16)
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {self.seeds}")
 
 
 def canonical_variant(adapters: str) -> str:
@@ -157,8 +210,11 @@ def canonical_variant(adapters: str) -> str:
 
 
 def variant_settings(config: Config, task_name: str, variant: str) -> TaskConfig:
-    """The task's settings with the variant's overrides applied (and validated)."""
+    """The task's settings with the variant's overrides applied (and validated); a task
+    ``bf16`` left at ``auto`` takes the finetune section's."""
     base = getattr(config.finetune, task_name)
+    if base.bf16 == "auto" and config.finetune.bf16 != "auto":
+        base = dataclasses.replace(base, bf16=config.finetune.bf16)
     override = base.overrides.get(variant, {})
     if not override:
         return base
@@ -170,11 +226,19 @@ def run_dir(config: Config, task_name: str, variant: str) -> Path:
     return Path(config.finetune.output_dir) / task_name / VARIANTS[variant][0]
 
 
-def adapter_dirs(config: Config, variant: str) -> dict[str, Path]:
+def adapter_sources(config: Config, variant: str) -> dict[str, str]:
+    """Adapter name -> its configured directory or Hub id."""
     if variant == "none":
         return {}
     paths = {"fac": config.finetune.fac_adapter, "lin": config.finetune.lin_adapter}
-    return {name: Path(paths[name]) for name in variant.split(",")}
+    return {name: paths[name] for name in variant.split(",")}
+
+
+def adapter_dirs(config: Config, variant: str) -> dict[str, Path]:
+    """Adapter name -> local directory (a Hub id is fetched into the Hub cache)."""
+    from kadapter.hub import resolve_adapter
+
+    return {name: resolve_adapter(source) for name, source in adapter_sources(config, variant).items()}
 
 
 def data_files(task: Task, settings: TaskConfig, task_name: str) -> dict[str, Path]:
@@ -182,7 +246,8 @@ def data_files(task: Task, settings: TaskConfig, task_name: str) -> dict[str, Pa
         raise ConfigError(f"finetune.{task_name}.data_dir is not set")
     names = (settings.train_file, settings.dev_file, settings.test_file)
     return {split: Path(settings.data_dir) / (name or default)
-            for split, name, default in zip(("train", "dev", "test"), names, task.files)}
+            for split, name, default in zip(("train", "dev", "test"), names,
+                                            task.default_files(settings.data_dir))}
 
 
 def run_fingerprint(config: Config, task_name: str, variant: str) -> str:
@@ -192,14 +257,17 @@ def run_fingerprint(config: Config, task_name: str, variant: str) -> str:
     return fingerprint_of({
         "task": task_name, "variant": variant, "settings": to_plain(settings), "seed": config.seed,
         "model": to_plain(config.model), "combine": config.finetune.combine,
+        "adapter_dropout": config.finetune.adapter_dropout,
         "data": {split: file_fingerprint(path) for split, path in files.items() if path.is_file()},
         "adapters": adapter_fingerprints(config, variant),
     })
 
 
 def adapter_fingerprints(config: Config, variant: str) -> dict[str, list[dict[str, Any]]]:
-    """Every file of each adapter directory the variant loads, hashed."""
-    return {name: [file_fingerprint(p) for p in sorted(path.glob("*")) if p.is_file()]
+    """Every file of each adapter directory the variant loads, hashed (not the output
+    marker, which only says which stage wrote the directory)."""
+    return {name: [file_fingerprint(p) for p in sorted(path.glob("*"))
+                   if p.is_file() and p.name != OUTPUT_MARKER]
             for name, path in adapter_dirs(config, variant).items()}
 
 
@@ -207,10 +275,13 @@ def adapter_fingerprints(config: Config, variant: str) -> dict[str, list[dict[st
 
 
 class FinetuneModel(nn.Module):
-    """Encoder (trainable) + frozen adapters -> Combiner -> task head -> logits."""
+    """Encoder (trainable) + frozen adapters -> Combiner -> task head -> logits.
+
+    ``adapter_dropout``: the frozen adapters follow the model's train/eval mode (their
+    dropout is on in training, as in the original) instead of staying in eval mode."""
 
     def __init__(self, encoder: nn.Module, adapters: dict[str, nn.Module], head: nn.Module,
-                 combine: Literal["concat", "add"]):
+                 combine: Literal["concat", "add"], adapter_dropout: bool = False):
         from kadapter.modeling import Combiner, KAdapterModel
 
         super().__init__()
@@ -218,6 +289,13 @@ class FinetuneModel(nn.Module):
                                       frozen_adapters=list(adapters))
         self.combiner = Combiner(list(adapters), encoder.config.hidden_size, mode=combine)
         self.head = head
+        self.adapter_dropout = adapter_dropout
+
+    def train(self, mode: bool = True) -> FinetuneModel:
+        super().train(mode)
+        if self.adapter_dropout:
+            self.kadapter.adapters.train(mode)
+        return self
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.kadapter(batch["input_ids"], batch["attention_mask"])
@@ -244,40 +322,91 @@ def load_adapters(config: Config, variant: str, encoder_config: Any) -> dict[str
 class Splits:
     labels: list[str]
     encoded: dict[str, Encoded]
+    """train: its mapped features only (no examples held); dev, test: features, the
+    examples behind them and the file's examples."""
     counts: dict[str, dict[str, int]]
+    skipped: dict[str, Any]
+    """Bad records left out under on_error: skip (SkippedRecords.summary())."""
+    labels_found: int
+    """Distinct labels in the three files (FIGER's release has 113 types); 0 for
+    multiple choice."""
+    cache: str
+    """The feature cache directory."""
 
 
-def prepare_data(task: Task, settings: TaskConfig, files: dict[str, Path], tokenizer) -> Splits:
-    """Read the three files, fix the label set, encode; count what is dropped or cut."""
-    configured = settings.labels if settings.labels is not None else task.default_labels
-    examples = {split: task.reader(path, configured) for split, path in files.items()}
-    labels = task.label_space([e for split in examples.values() for e in split], configured)
-    counts: dict[str, dict[str, int]] = {}
-    negatives_dropped = 0
-    if settings.max_train_negatives is not None:
-        if task.kind != "relation":
-            raise ConfigError(f"finetune.{task.name}.max_train_negatives is for TACRED only")
-        kept, negatives = [], 0
-        for example in examples["train"]:
-            if example.relation == "no_relation":
-                negatives += 1
-                if negatives > settings.max_train_negatives:
-                    negatives_dropped += 1
-                    continue
-            kept.append(example)
-        examples["train"] = kept
-    encoded = {}
-    for split, split_examples in examples.items():
-        encoded[split] = task.encode(split_examples, tokenizer, labels, settings.max_length)
-        counts[split] = {"examples": len(split_examples), "encoded": len(encoded[split].features),
-                         "too_long": len(encoded[split].too_long)}
-    counts["train"]["negatives_dropped"] = negatives_dropped
+def read_splits(task: Task, settings: TaskConfig, files: dict[str, Path],
+                skipped: SkippedRecords | None = None) -> dict[str, list[Any]]:
+    """Every split's examples. A bad record raises with a hint at on_error: skip, or, when
+    the task's on_error is skip, is counted in ``skipped`` and left out. The train and dev
+    splits must be labelled."""
+    configured = configured_labels(task, settings)
+    log = None
+    if settings.on_error == "skip":
+        log = skipped if skipped is not None else SkippedRecords()
+    examples = {}
+    for split, path in files.items():
+        try:
+            examples[split] = task.reader(path, configured, log)
+        except BadRecord as err:
+            raise InputError(err.path, err.record, f"{err.problem} (to leave such records out and count "
+                             f"them, set --finetune.{task.name}.on_error skip)") from None
     for split, purpose in (("train", "train on"), ("dev", "select the model with")):
-        if not encoded[split].features:
+        if split in examples:
+            task.check_labelled(examples[split], files[split], purpose)
+    return examples
+
+
+def configured_labels(task: Task, settings: TaskConfig) -> list[str] | None:
+    """The label vocabulary every example is checked against: ``labels``, else the lines of
+    ``labels_file``, else the task's standard set. FIGER has none built in (types are
+    not whatever the files happen to contain): a ConfigError without either setting."""
+    if settings.labels is not None:
+        return settings.labels
+    if settings.labels_file is not None:
+        path = Path(settings.labels_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"finetune.{task.name}.labels_file {path}: cannot read: {err}") from None
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
+        if not labels or len(set(labels)) != len(labels):
+            raise ConfigError(f"finetune.{task.name}.labels_file {path}: expected distinct labels, "
+                              "one per line")
+        return labels
+    if task.default_labels is None and task.name == "figer":
+        raise ConfigError("finetune.figer needs its type vocabulary: set labels or labels_file "
+                          "(the release's 113 types), so that an unknown type is caught")
+    return task.default_labels
+
+
+def prepare_data(task: Task, settings: TaskConfig, files: dict[str, Path], tokenizer,
+                 cache_dir: str | Path, workers: int = 0, accelerator=None) -> Splits:
+    """The task's features, mapped from the feature cache (built first when missing:
+    read the three files, fix the label set, encode, count what is dropped, cut or
+    skipped), and the dev and test examples again (small: their predictions are written
+    per example)."""
+    from kadapter.features import finetune_features
+
+    if settings.max_train_negatives is not None and task.kind != "relation":
+        raise ConfigError(f"finetune.{task.name}.max_train_negatives is for TACRED only")
+    features = finetune_features(task, settings, files, tokenizer, Path(cache_dir), workers,
+                                 accelerator)
+    encoded = {"train": Encoded(features.splits["train"], [], [], [])}
+    # the same reading as the cache's (same skips), so record indices match
+    evaluated = read_splits(task, settings, {split: files[split] for split in ("dev", "test")})
+    for split, source in evaluated.items():
+        kept = features.kept[split].tolist()
+        dropped = set(range(len(source))) - set(kept)
+        encoded[split] = Encoded(features.splits[split], [source[i] for i in kept],
+                                 [source[i] for i in sorted(dropped)], source)
+    counts = features.counts
+    for split, purpose in (("train", "train on"), ("dev", "select the model with")):
+        if not counts[split]["encoded"]:
             raise ConfigError(f"{files[split]}: no example to {purpose} ({counts[split]['examples']} "
                               f"read, {counts[split]['too_long']} longer than max_length "
                               f"{settings.max_length})")
-    return Splits(labels, encoded, counts)
+    return Splits(features.labels, encoded, counts, features.skipped, features.labels_found,
+                  features.cache)
 
 
 def prediction_rows(task: Task, labels: list[str], encoded: Encoded, logits: np.ndarray) -> list[dict]:
@@ -302,9 +431,8 @@ def majority_baseline(task: Task, settings: TaskConfig, files: dict[str, Path], 
     must clear."""
     from collections import Counter
 
-    configured = settings.labels if settings.labels is not None else task.default_labels
-    train = task.reader(files["train"], configured)
-    target = task.reader(files[split], configured)
+    examples = read_splits(task, settings, {"train": files["train"], split: files[split]})
+    train, target = examples["train"], examples[split]
     if task.kind == "choice":
         counts = Counter(e.choice_labels.index(e.answer) for e in train if e.answer is not None)
         position = min(counts, key=lambda p: (-counts[p], p))
@@ -317,14 +445,14 @@ def majority_baseline(task: Task, settings: TaskConfig, files: dict[str, Path], 
                                for e, p in zip(target, predicted)])
 
 
-def predict_logits(model: nn.Module, features: list[dict], pad_id: int, batch_size: int,
-                   accelerator) -> np.ndarray:
+def predict_logits(model: nn.Module, features: Sequence[dict], pad_id: int, batch_size: int,
+                   accelerator, num_labels: int | None = None) -> np.ndarray:
     """Logits of every feature, in order; batches sharded over processes and gathered."""
-    if not features:
+    if not len(features):
         return np.zeros((0, 0), dtype=np.float32)
     model.eval()
     return predict_in_order(accelerator, features, batch_size,
-                            lambda rows: collate(rows, pad_id),
+                            lambda rows: collate(rows, pad_id, num_labels),
                             lambda batch: {"logits": model(batch)})["logits"]
 
 
@@ -355,6 +483,8 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
     staging = final.with_name(f".{final.name}.partial")
     accelerator = make_accelerator(settings)
     main = accelerator.is_main_process
+    batch_key = f"finetune.{task_name}.batch_size"
+    batch_plan(settings, accelerator.num_processes, batch_key)  # a batch that cannot split fails now
     if main and not config.finetune.resume:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -363,12 +493,14 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
     # ---- model and data
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    data = prepare_data(task, settings, files, tokenizer)
+    data = prepare_data(task, settings, files, tokenizer, config.finetune.cache_dir,
+                        config.finetune.feature_workers, accelerator)
     torch.manual_seed(config.seed)  # head and combiner initialisation
     encoder = load_encoder(model_path, dtype=torch.float32)  # trainable: fp32 master weights
     loaded = load_adapters(config, variant, encoder.config)
-    head = task.head(encoder.config.hidden_size, len(data.labels), settings.dropout, settings.pooling)
-    model = FinetuneModel(encoder, loaded, head, config.finetune.combine)
+    head = task.head(encoder.config.hidden_size, len(data.labels), settings.dropout, settings.pooling,
+                     settings.classifier)
+    model = FinetuneModel(encoder, loaded, head, config.finetune.combine, config.finetune.adapter_dropout)
     metric = main_metric(task.metric)
     pad_id = tokenizer.pad_token_id
     dev = data.encoded["dev"]
@@ -383,7 +515,7 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
         model=model,
         train_data=data.encoded["train"].features,
         dev_data=dev.features,
-        collate=lambda items: collate(items, pad_id),
+        collate=lambda items: collate(items, pad_id, len(data.labels)),
         loss_fn=lambda m, batch, _: task.loss(m(batch), batch["labels"]),
         predict_fn=lambda m, batch, _: {"logits": m(batch)},
         metrics_fn=dev_metrics,
@@ -392,12 +524,16 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
         resume=config.finetune.resume,
         accelerator=accelerator,
         description=f"{task_name} {VARIANTS[variant][1]}",
+        batch_key=batch_key,
+        stage="finetune",
+        run_config={"model": config.model.name_or_path, "combine": config.finetune.combine,
+                    "adapters": adapter_fingerprints(config, variant)},
     )
 
     # ---- the selected weights predict dev and test once; metrics come from the files
-    eval_batch = settings.eval_batch_size or 2 * settings.batch_size
+    eval_batch = result.batch.eval_batch
     logits = {split: predict_logits(result.model, data.encoded[split].features, pad_id, eval_batch,
-                                    accelerator) for split in ("dev", "test")}
+                                    accelerator, len(data.labels)) for split in ("dev", "test")}
     summary: dict[str, Any] = {}
     if main:
         for split, name in (("dev", "dev_predictions.jsonl"), ("test", "predictions.jsonl")):
@@ -418,24 +554,57 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
                 "adapters": adapter_fingerprints(config, variant),
             },
             "parameters": {"settings": to_plain(settings), "training": to_plain(loop_config),
-                           "combine": config.finetune.combine, "seed": config.seed,
-                           "processes": accelerator.num_processes},
+                           "combine": config.finetune.combine,
+                           "adapter_dropout": config.finetune.adapter_dropout, "seed": config.seed,
+                           "processes": accelerator.num_processes,
+                           "precision": precision_of(settings).to_dict()},
             "labels": data.labels,
+            "labels_found": data.labels_found,
             "counts": data.counts,
+            "skipped_records": data.skipped,
+            "features": data.cache,
             "training": {"steps": result.global_step, "selected_step": result.best_step,
                          "tokens": result.tokens, "train_seconds": round(result.train_seconds, 3),
                          "tokens_per_s": round(result.tokens_per_s, 1),
                          "wall_seconds": round(time.time() - started, 3),
-                         "resumed_from": result.resumed_from},
+                         "resumed_from": result.resumed_from,
+                         "batch": {**result.batch.to_dict(),
+                                   "examples_left_per_epoch": result.examples_left_per_epoch},
+                         "resumed_config_changes": result.config_changes},
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "versions": versions(),
             "outputs": ["predictions.jsonl", "dev_predictions.jsonl", "metrics.json",
-                        "metrics.jsonl", "curves.png", "best/model.safetensors"],
+                        "metrics.jsonl", "curves.png", "best/model.safetensors", f"{MODEL_DIR}/"],
         })
+        majority = majority_baseline(task, settings, files, "dev")  # the curves with the bar to beat
+        plot_curves(read_metrics(staging), staging / CURVES_FILE, f"{task_name} {VARIANTS[variant][1]}",
+                    baselines={k: v for k, v in majority.items() if k not in ("examples", "labelled")})
+        save_model_dir(staging / MODEL_DIR, config, task_name, variant, result.model, tokenizer,
+                       data.labels, settings, summary, files)
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # resumable state, no longer needed
-        replace_dir(staging, final)
+        replace_dir(staging, final, stage="finetune")
         print(f"{task_name} {VARIANTS[variant][1]}: dev {metric} {summary['dev'].get(metric)}, "
               f"test {metric} {summary['test'].get(metric)} -> {final}")
     accelerator.wait_for_everyone()
     return summary
 
+
+def save_model_dir(directory: Path, config: Config, task_name: str, variant: str, model: nn.Module,
+                   tokenizer, labels: list[str], settings: TaskConfig, summary: dict[str, Any],
+                   files: dict[str, Path]) -> Path:
+    """The run's selected weights as a loadable model directory with a model card
+    (``kadapter.inference.load_finetuned``)."""
+    from kadapter.hub import model_revision
+    from kadapter.inference import finetuned_config, save_finetuned
+    from kadapter.modeling import count_parameters
+
+    base = config.model.name_or_path
+    info = finetuned_config(
+        task=task_name, variant=variant, labels=labels, settings=settings,
+        combine=config.finetune.combine, adapters=adapter_sources(config, variant),
+        base_model=base, base_model_revision=model_revision(model.kadapter.encoder.config._name_or_path),
+        tokenizer_name=base, metrics={split: summary[split] for split in ("dev", "test")},
+        data={split: file_fingerprint(path) for split, path in files.items()},
+        parameters={"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    "total": count_parameters(model)})
+    return save_finetuned(directory, model, tokenizer, info)

@@ -5,8 +5,10 @@ exactly as before); anything with a ``scheme://`` goes through fsspec, which nee
 filesystem's package (s3fs, gcsfs, pyarrow's HDFS...) installed by the user.
 
 An output directory on a URL is built in a local temporary directory and uploaded when
-complete, ``manifest.json`` last: object stores have no atomic directory rename, so a
-directory there without its manifest is an unfinished upload.
+complete, the stage's output marker first and ``manifest.json`` last: object stores have
+no atomic directory rename, so a directory there without its manifest is an unfinished
+upload. As locally, a URL that holds files is replaced only when marked as the same
+stage's output.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from kadapter.io import atomic_output_dir, expand_inputs, file_fingerprint
+import orjson
+
+from kadapter.io import (
+    OUTPUT_MARKER,
+    UnsafeOutputError,
+    atomic_output_dir,
+    expand_inputs,
+    file_fingerprint,
+    mark_output_dir,
+)
 
 MANIFEST = "manifest.json"
 
@@ -108,23 +119,60 @@ def fingerprint_any(path: str | Path, full_hash: bool = True) -> dict[str, Any]:
     return entry
 
 
+def _url_output_stage(fs: Any, target: str) -> str | None:
+    """``io.output_stage`` for a directory on a filesystem URL."""
+    for name in (OUTPUT_MARKER, MANIFEST):
+        try:
+            with fs.open(f"{target.rstrip('/')}/{name}", "rb") as handle:
+                stage = orjson.loads(handle.read()).get("stage")
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(stage, str):
+            return stage
+    return None
+
+
+def _check_url_output_dir(fs: Any, final: str, target: str, stage: str) -> None:
+    """``io.check_output_dir`` for a URL: new, empty or ``stage``'s own output."""
+    if not fs.exists(target):
+        return
+    if not fs.isdir(target):
+        raise UnsafeOutputError(final, "exists and is not a directory")
+    owner = _url_output_stage(fs, target)
+    if owner == stage:
+        return
+    if owner is not None:
+        raise UnsafeOutputError(final, f"holds the outputs of stage {owner!r}, not {stage!r}; "
+                                       "choose another output_dir")
+    if fs.ls(target, detail=False):
+        raise UnsafeOutputError(final, f"is not empty and was not written by stage {stage!r} "
+                                       f"(no {OUTPUT_MARKER}); choose a new or empty "
+                                       "output_dir, or remove it yourself")
+
+
 @contextlib.contextmanager
-def output_dir_any(final: str | Path) -> Iterator[Path]:
-    """A local directory to write into; on success it becomes ``final``: renamed over it
-    (``io.atomic_output_dir``) or, for a URL, uploaded over it with the manifest last."""
+def output_dir_any(final: str | Path, *, stage: str) -> Iterator[Path]:
+    """A local directory to write into, marked as ``stage``'s output; on success it becomes
+    ``final``: renamed over it (``io.atomic_output_dir``) or, for a URL, uploaded over it
+    with the marker first and the manifest last. ``final`` must be new, empty or
+    ``stage``'s own output (checked before any work and again before replacing it)."""
     if not is_url(final):
-        with atomic_output_dir(final) as tmp:
+        with atomic_output_dir(final, stage=stage) as tmp:
             yield tmp
         return
     fs, target = _filesystem(str(final))
+    _check_url_output_dir(fs, str(final), target, stage)
     staging = Path(tempfile.mkdtemp(prefix="kadapter-upload-"))
     try:
+        mark_output_dir(staging, stage)
         yield staging
+        _check_url_output_dir(fs, str(final), target, stage)
         if fs.exists(target):
             fs.rm(target, recursive=True)
         fs.makedirs(target, exist_ok=True)
         names = sorted(p.name for p in staging.iterdir() if p.is_file())
-        for name in sorted(names, key=lambda n: n == MANIFEST):  # the manifest goes last
+        # the marker first (a partial upload is still this stage's), the manifest last
+        for name in sorted(names, key=lambda n: (n != OUTPUT_MARKER, n == MANIFEST)):
             fs.put_file(str(staging / name), f"{target.rstrip('/')}/{name}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)

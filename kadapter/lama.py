@@ -10,32 +10,41 @@ Data, in the layout of LAMA's release (Petroni et al., 2019; KADAPTER.md section
 
 A fact becomes a query: the template with ``[X]`` = subject label and ``[Y]`` = the mask.
 Each fact is kept or dropped for the first of these reasons that applies (every drop is
-written out with its reason):
+written out with its reason). The kept facts are exactly those LAMA's own code scores
+(facebookresearch/LAMA ``scripts/batch_eval_KB_completion.py``, on the files LAMA-UHN's
+``scripts/create_lama_uhn.py`` writes for the UHN subsets):
 
-1. ``judgments_not_majority_yes`` (Google-RE): "yes" judgments must outnumber the others
-   (every judgment that is not "yes" counts as "no", as in LAMA). This is stricter than
-   LAMA's code, which drops a fact only when "no" outnumbers "yes", so it keeps ties and
-   facts without judgments.
+1. ``judgments_majority_no`` (Google-RE): dropped when the judgments that are not "yes"
+   outnumber the "yes" ones, as LAMA's code does: ties and facts without any judgment
+   are kept.
 2. ``object_not_single_token``: the object must be exactly one token of the model's
    vocabulary, in the form it takes mid-sentence after a space. Whether that form keeps
    the space is read off the tokenizer (``space_prefixed``): byte-level BPE (RoBERTa)
    turns " Paris" into the single token "ĠParis", WordPiece (BERT) drops the space.
 3. ``object_not_in_common_vocab``: the object must be a word of the common vocabulary.
-4. ``query_too_long``: the query must fit the model's maximum length.
-5. ``uhn_object_in_subject`` (UHN subsets): LAMA-UHN's first filter drops facts whose
+4. ``extra_mask_token``: the query must hold exactly one mask token (a subject label that
+   contains the tokenizer's mask token would make a query with two).
+5. ``query_too_long``: the query must fit the model's maximum length.
+6. ``uhn_object_in_subject`` (UHN subsets): LAMA-UHN's first filter drops facts whose
    lowercased object is a substring of the lowercased subject label ("Mexico City" ->
    "Mexico").
-6. ``uhn_person_name`` (UHN subsets, only when ``bert_model`` is set): LAMA-UHN's second
+7. ``uhn_person_name`` (UHN subsets, only when ``bert_model`` is set): LAMA-UHN's second
    filter asks BERT "[name] is a common name in the following city/country/language :
    [MASK] ." for every word of a person's name, and drops the fact when the object is
    among BERT's top 3 (relations P19, P20, P27, P103, P1412 and Google-RE's birth and
-   death places). Without ``bert_model`` it is reported as skipped.
+   death places). The object must equal one of BERT's top-k token strings, as in
+   LAMA-UHN. Without ``bert_model`` it does not run, and results.md says so.
+7. ``duplicate``: LAMA scores one fact per distinct (subject, object) pair of a relation
+   (the first in file order among those the filters above keep); later copies are
+   dropped (Google-RE place_of_death: 766 lines, 765 distinct pairs).
 
 Scoring: the model's logits at the mask, restricted to the common-vocabulary words that
 are single tokens; candidates are ordered by score, ties by token id. Per relation P@1,
-P@10 and MRR@10 (reciprocal rank, 0 beyond rank 10, so every number can be recomputed
-from ``predictions.jsonl``, which keeps ranks up to 10); a subset's score is the mean
-over its relations (macro), as in LAMA.
+P@10 and MRR, LAMA's mean reciprocal rank of the object over the candidate ranking
+(``lama/evaluation_metrics.py``; LAMA ranks the top 10,000 candidates, so a rank beyond
+10,000 adds 0); MRR@10 (0 beyond rank 10) is reported under that name besides. Every
+number is recomputed from the full ``rank`` of each fact in ``predictions.jsonl``; a
+subset's score is the mean over its relations (macro), as in LAMA.
 
 Variants: ``encoder`` uses the encoder's own MLM head. A K-Adapter variant (``fac``,
 ``lin``, ``fac+lin``) has no MLM head of its own; the paper trains a linear layer on
@@ -58,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kadapter.io import InputError, read_jsonl
+from kadapter.progress import progress
 from kadapter.training import PadCollator, TrainingConfig
 
 SUBSETS = ("google_re", "uhn_google_re", "trex", "uhn_trex")
@@ -78,20 +88,25 @@ PERSON_NAME_NOUNS = {"place_of_birth": "city", "place_of_death": "city", "P19": 
 PERSON_NAME_TEMPLATE = "[X] is a common name in the following {noun} : [Y] ."
 
 DROP_REASONS = (
-    "judgments_not_majority_yes",
+    "judgments_majority_no",
     "object_not_single_token",
     "object_not_in_common_vocab",
+    "extra_mask_token",
     "query_too_long",
     "uhn_object_in_subject",
     "uhn_person_name",
+    "duplicate",
 )
 TOP_K = 10
+MRR_DEPTH = 10_000
+"""LAMA's MRR only looks this deep into the ranking (get_ranking(topk=10000))."""
 
 
 @dataclass
 class MlmHeadConfig(TrainingConfig):
     """Training of the K-Adapter variants' MLM mix on raw text (the shared training loop's
-    settings plus the text). Defaults follow the paper: 2 epochs over WikiText-2."""
+    settings plus the text). Defaults follow the paper: 2 epochs over WikiText-2. Its
+    ``bf16`` sets the precision of the whole LAMA stage, scoring included."""
 
     text: str = "data/sample/text/wiki.train.txt"
     """Raw training text (file, directory or glob), WikiText-2 style: one paragraph per
@@ -107,7 +122,8 @@ class MlmHeadConfig(TrainingConfig):
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW (a small one keeps the mix near its start)."""
     batch_size: int = 32
-    """Blocks per batch."""
+    """Text blocks per optimizer step over all processes (the global batch: each process
+    takes batch_size / (processes x grad_accumulation) blocks a micro-batch)."""
     epochs: int = 2
     """Passes over the text (the paper: 2 over WikiText-2)."""
     weight_decay: float = 0.0
@@ -142,9 +158,9 @@ class LamaConfig:
         default_factory=lambda: list(VARIANTS))
     """Models to probe: the encoder alone, or K-Adapter with these adapters."""
     fac_adapter: str = "runs/{preset}/fac-adapter"
-    """The factual adapter's directory (``make pretrain-fac``)."""
+    """The factual adapter: its directory (``make pretrain-fac``) or a Hub id (``owner/name``)."""
     lin_adapter: str = "runs/{preset}/lin-adapter"
-    """The linguistic adapter's directory (``make pretrain-lin``)."""
+    """The linguistic adapter: its directory (``make pretrain-lin``) or a Hub id."""
     output_dir: str = "runs/{preset}/lama"
     """Where results.json, results.md, the plot and per-subset predictions go."""
     batch_size: int = 64
@@ -244,7 +260,8 @@ def read_trex(lama_dir: str | Path) -> tuple[list[Relation], list[str]]:
     """T-REx relations that have a facts file (sorted by id), and the template-only ones.
 
     A facts file whose relation has no template is an error; relations.jsonl listing more
-    relations than there are files is normal (LAMA's does).
+    relations than there are files is normal (LAMA's does). An empty facts file gives a
+    relation with no facts (``empty_relations`` reports them; they are not probed).
     """
     lama_dir = Path(lama_dir)
     templates = read_templates(lama_dir / "relations.jsonl")
@@ -260,6 +277,11 @@ def read_trex(lama_dir: str | Path) -> tuple[list[Relation], list[str]]:
         relations.append(Relation(name, templates[name], facts))
     with_files = {r.name for r in relations}
     return relations, sorted(set(templates) - with_files)
+
+
+def empty_relations(relations: list[Relation]) -> list[str]:
+    """Names of the relations whose facts file holds no fact."""
+    return sorted(r.name for r in relations if not r.facts)
 
 
 def read_google_re(lama_dir: str | Path) -> list[Relation]:
@@ -279,7 +301,14 @@ def read_common_vocab(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: common vocabulary file not found (set --common_vocab)")
-    words = dict.fromkeys(w.strip() for w in path.read_text(encoding="utf-8").splitlines())
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InputError(path, f"line {line}", f"not UTF-8 (byte offset {err.start}: "
+                         f"{raw[err.start:err.start + 1]!r})") from None
+    words = dict.fromkeys(w.strip() for w in text.splitlines())
     words.pop("", None)
     if not words:
         raise InputError(path, None, "the common vocabulary is empty")
@@ -378,22 +407,24 @@ def object_in_subject(fact: Fact) -> bool:
 class PersonNameFilter:
     """LAMA-UHN filter 2 (Poerner et al., 2020): is the object guessable from one word of
     a person's name alone? Runs a BERT MLM on "[name] is a common name in the following
-    {city|country|language} : [MASK] ." and drops the fact when the object's token is
-    among the top k; every (name, noun) question is asked once."""
+    {city|country|language} : [MASK] ." and drops the fact when the object label equals
+    one of the top k tokens (as strings, as ``create_lama_uhn.py`` compares them; an
+    uncased BERT compares lowercased labels); every (name, noun) question is asked once."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, top_k: int = 3, batch_size: int = 64,
                  device: torch.device | str = "cpu"):
         self.model = model.eval().to(device)
         self.tokens = ProbeTokens(tokenizer)
         self.top_k, self.batch_size, self.device = top_k, batch_size, torch.device(device)
+        self.lowercase = bool(getattr(tokenizer, "do_lower_case", False))
 
     @staticmethod
     def applies(fact: Fact) -> bool:
         return fact.relation in PERSON_NAME_NOUNS
 
     @torch.no_grad()
-    def top_ids(self, questions: list[tuple[str, str]]) -> dict[tuple[str, str], set[int]]:
-        """(name, noun) -> ids of the model's top k tokens at the mask."""
+    def top_tokens(self, questions: list[tuple[str, str]]) -> dict[tuple[str, str], set[str]]:
+        """(name, noun) -> the model's top k tokens at the mask, as token strings."""
         encoded = [self.tokens.query(PERSON_NAME_TEMPLATE.format(noun=noun), name)
                    for name, noun in questions]
         pad = self.tokens.tokenizer.pad_token_id or 0
@@ -407,19 +438,22 @@ class PersonNameFilter:
             at_mask = logits[rows, torch.tensor([e[2] for e in chunk], device=self.device)]
             top = at_mask.float().topk(self.top_k, dim=-1).indices.cpu().tolist()
             for question, ids_top in zip(questions[start:start + self.batch_size], top):
-                found[question] = set(ids_top)
+                found[question] = set(self.tokens.tokenizer.convert_ids_to_tokens(ids_top))
         return found
 
     def matches(self, facts: list[Fact]) -> list[bool]:
         """For each fact: True when LAMA-UHN's person-name filter drops it."""
+        def names(fact: Fact) -> list[str]:
+            return (fact.sub_label.lower() if self.lowercase else fact.sub_label).split()
+
         questions = {(name, PERSON_NAME_NOUNS[f.relation])
-                     for f in facts if self.applies(f) for name in f.sub_label.split()}
-        top = self.top_ids(sorted(questions))
-        object_ids = self.tokens.word_ids([f.obj_label for f in facts])
+                     for f in facts if self.applies(f) for name in names(f)}
+        top = self.top_tokens(sorted(questions))
         return [
-            self.applies(f) and object_id is not None
-            and any(object_id in top[(name, PERSON_NAME_NOUNS[f.relation])] for name in f.sub_label.split())
-            for f, object_id in zip(facts, object_ids)
+            self.applies(f) and any(
+                (f.obj_label.lower() if self.lowercase else f.obj_label)
+                in top[(name, PERSON_NAME_NOUNS[f.relation])] for name in names(f))
+            for f in facts
         ]
 
 
@@ -440,15 +474,17 @@ def select_queries(subset: str, relations: list[Relation], tokens: ProbeTokens,
     built: list[tuple[str, list[int], int] | None] = []
     for fact, object_id in zip(facts, object_ids):
         reason, query = None, None
-        if fact.yes_votes is not None and fact.yes_votes <= fact.other_votes:
-            reason = "judgments_not_majority_yes"
+        if fact.yes_votes is not None and fact.other_votes > fact.yes_votes:
+            reason = "judgments_majority_no"
         elif object_id is None:
             reason = "object_not_single_token"
         elif fact.obj_label not in vocabulary.words:
             reason = "object_not_in_common_vocab"
         else:
             query = tokens.query(templates[fact.relation], fact.sub_label)
-            if len(query[1]) > max_length:
+            if query[1].count(tokens.mask_id) != 1:
+                reason = "extra_mask_token"
+            elif len(query[1]) > max_length:
                 reason = "query_too_long"
             elif uhn and object_in_subject(fact):
                 reason = "uhn_object_in_subject"
@@ -459,6 +495,13 @@ def select_queries(subset: str, relations: list[Relation], tokens: ProbeTokens,
         for i, drop in zip(alive, person_filter.matches([facts[i] for i in alive])):
             if drop:
                 reasons[i] = "uhn_person_name"
+    seen: set[tuple[str, str, str]] = set()
+    for i, fact in enumerate(facts):
+        if reasons[i] is None:
+            pair = (fact.relation, fact.sub_label, fact.obj_label)
+            if pair in seen:
+                reasons[i] = "duplicate"
+            seen.add(pair)
     kept, dropped = [], []
     for fact, object_id, reason, query in zip(facts, object_ids, reasons, built):
         if reason is None:
@@ -499,28 +542,30 @@ def rank_candidates(scores: torch.Tensor, candidate_ids: torch.Tensor, object_id
     return top, 1 + before.sum(dim=1)
 
 
-def relation_metrics(ranks: list[int | None]) -> dict[str, float | int]:
-    """P@1, P@10, MRR@10 of one relation from its facts' ranks (None = beyond 10)."""
+def relation_metrics(ranks: list[int]) -> dict[str, float | int]:
+    """P@1, P@10, MRR (LAMA's, to rank MRR_DEPTH) and MRR@10 of one relation from its
+    facts' 1-based ranks among the candidates."""
     n = len(ranks)
     return {
         "facts": n,
         "p@1": sum(r == 1 for r in ranks) / n,
-        "p@10": sum(r is not None and r <= 10 for r in ranks) / n,
-        "mrr@10": sum(1.0 / r for r in ranks if r is not None and r <= 10) / n,
+        "p@10": sum(r <= 10 for r in ranks) / n,
+        "mrr": sum(1.0 / r for r in ranks if r <= MRR_DEPTH) / n,
+        "mrr@10": sum(1.0 / r for r in ranks if r <= 10) / n,
     }
 
 
 def summarise(predictions: list[dict[str, Any]]) -> dict[str, Any]:
     """predictions.jsonl rows of one subset and variant -> per-relation metrics and their
     means over relations (macro, as LAMA). Recomputes everything from ``rank`` alone."""
-    by_relation: dict[str, list[int | None]] = {}
+    by_relation: dict[str, list[int]] = {}
     for row in predictions:
         by_relation.setdefault(row["relation"], []).append(row["rank"])
     per_relation = {name: relation_metrics(ranks) for name, ranks in sorted(by_relation.items())}
     count = len(per_relation)
     summary: dict[str, Any] = {
         metric: (sum(m[metric] for m in per_relation.values()) / count if count else None)
-        for metric in ("p@1", "p@10", "mrr@10")
+        for metric in ("p@1", "p@10", "mrr", "mrr@10")
     }
     summary.update(relations=count, facts_kept=len(predictions), per_relation=per_relation)
     return summary
@@ -545,7 +590,7 @@ def score_queries(model: nn.Module, lm_head: nn.Module, mixes: VariantMixes, var
     keys = sorted(slots, key=lambda key: len(key[0]))
     candidates = candidate_ids.to(device)
     results: dict[str, list[Any]] = {v: [None] * len(queries) for v in variants}
-    for start in range(0, len(keys), batch_size):
+    for start in progress(range(0, len(keys), batch_size), desc="LAMA scoring", unit="batch"):
         chunk = keys[start:start + batch_size]
         ids, mask = pad_batch([key[0] for key in chunk], pad_id)
         out = model(ids.to(device), mask.to(device))
@@ -609,13 +654,19 @@ class VariantMixes(nn.Module):
         return {v: mix(last, adapter_outputs) for v, mix in self.mixes.items()}
 
 
+def lm_logits(lm_head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The frozen LM head on ``features``, cast to the head's own dtype: the mix computes
+    in fp32 (or autocast's dtype) beside an encoder and head that may hold bf16 weights."""
+    return lm_head(features.to(next(lm_head.parameters()).dtype))
+
+
 def variant_logits(lm_head: nn.Module, mixes: VariantMixes, variants: list[str],
                    last: torch.Tensor, adapter_outputs: dict[str, torch.Tensor]
                    ) -> dict[str, torch.Tensor]:
     """Vocabulary logits of every variant: the encoder's LM head on the encoder's last
     state, or on a K-Adapter variant's mix of it with the adapter outputs."""
     mixed = mixes(last, adapter_outputs)
-    return {v: lm_head(last if v == "encoder" else mixed[v]) for v in variants}
+    return {v: lm_logits(lm_head, last if v == "encoder" else mixed[v]) for v in variants}
 
 
 def text_blocks(paths: list[Path], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
@@ -634,10 +685,14 @@ def text_blocks(paths: list[Path], tokenizer: Any, max_length: int) -> list[dict
 
 
 class MaskingCollator:
-    """Pads a batch of blocks and masks it for MLM (seeded, so a run repeats exactly)."""
+    """Pads a batch of blocks and masks it for MLM (seeded, so a run repeats exactly).
+    Besides ``input_ids``, ``attention_mask`` and ``labels`` (-100 where not masked) it
+    returns ``masked_rows`` / ``masked_cols``: the masked positions in row-major order.
+    Blocks that carry their own ``labels`` (masked once by ``masked_once``) are only padded."""
 
     def __init__(self, tokenizer: Any, probability: float, seed: int):
         self.pad = PadCollator({"input_ids": tokenizer.pad_token_id})
+        self.pad_masked = PadCollator({"input_ids": tokenizer.pad_token_id, "labels": -100})
         self.mask_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids))
@@ -645,6 +700,10 @@ class MaskingCollator:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "labels" in items[0]:
+            batch = self.pad_masked(items)
+            rows, cols = (batch["labels"] != -100).nonzero().unbind(1)
+            return {**batch, "masked_rows": rows, "masked_cols": cols}
         batch = self.pad(items)
         ids = batch["input_ids"]
         maskable = batch["attention_mask"].bool() & ~torch.isin(ids, self.special_ids)
@@ -656,7 +715,24 @@ class MaskingCollator:
         inputs = torch.where(chosen & (action < 0.8), self.mask_id, ids)
         inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), replacement, inputs)
         labels = torch.where(chosen, ids, -100)
-        return {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels}
+        # the masked positions, found here on the host: selecting them on the device with a
+        # boolean mask would make every step wait for the device (a data-dependent shape)
+        rows, cols = chosen.nonzero().unbind(1)
+        return {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels,
+                "masked_rows": rows, "masked_cols": cols}
+
+
+def masked_once(blocks: list[dict[str, Any]], tokenizer: Any, probability: float, seed: int
+                ) -> list[dict[str, Any]]:
+    """Dev blocks masked once, with their own generator: every evaluation scores the same
+    masked positions (a curve of dev losses compares like with like), and evaluating
+    draws nothing from the training masks' generator."""
+    collator = MaskingCollator(tokenizer, probability, seed)
+    masked = []
+    for block in blocks:
+        batch = collator([block])
+        masked.append({"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()})
+    return masked
 
 
 def mlm_loss_sums(logits: dict[str, torch.Tensor], labels: torch.Tensor, rows: torch.Tensor,
@@ -698,6 +774,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {SUBSET_TITLES[subset]} | {results['subsets'][subset][variants[0]]['relations']} | "
                      f"{facts[subset]['kept']} / {facts[subset]['read']} | {scores} |")
     for metric, title in (("p@10", "P@10 (%)"),
+                          ("mrr", "MRR (x100; LAMA's mean reciprocal rank over the candidate ranking)"),
                           ("mrr@10", "MRR@10 (x100; reciprocal rank, 0 beyond rank 10)")):
         lines += ["", f"{title}:", "", "| subset | " + " | ".join(variants) + " |",
                   "| --- | " + " | ".join("---:" for _ in variants) + " |"]
@@ -711,10 +788,29 @@ def results_markdown(results: dict[str, Any]) -> str:
         counts = facts[subset]["dropped_by_reason"]
         lines.append(f"| {SUBSET_TITLES[subset]} | "
                      + " | ".join(str(counts.get(r, 0)) for r in DROP_REASONS) + " |")
-    lines += ["", f"LAMA-UHN person-name filter: {results['person_name_filter']}.", "",
+    empty = {s: facts[s].get("relations_with_empty_facts_file") for s in subsets}
+    if any(empty.values()):
+        lines += ["", "Not probed, their facts file is empty: " + "; ".join(
+            f"{SUBSET_TITLES[s]} {', '.join(names)}" for s, names in empty.items() if names) + "."]
+    lines += ["", person_filter_line(results), "",
               "For comparison, the paper's P@1 (RoBERTa-large -> K-Adapter): Google-RE 4.8 -> 7.0, "
               "UHN-Google-RE 2.5 -> 3.7, T-REx 27.1 -> 29.1, UHN-T-REx 20.1 -> 23.0.", ""]
     return "\n".join(lines)
+
+
+def person_filter_line(results: dict[str, Any]) -> str:
+    """Whether LAMA-UHN's person-name filter ran in this run, and how many facts it removed."""
+    uhn = [s for s in SUBSETS if s.startswith("uhn_") and s in results["subsets"]]
+    run = results["person_name_filter"]
+    if not uhn:
+        return "LAMA-UHN person-name filter: not applicable (no UHN subset probed)."
+    if not run["ran"]:
+        return ("LAMA-UHN person-name filter: did not run (no lama.bert_model configured), so the "
+                "UHN subsets keep facts that LAMA-UHN's released files remove.")
+    removed = {s: results["facts"][s]["dropped_by_reason"].get("uhn_person_name", 0) for s in uhn}
+    parts = ", ".join(f"{SUBSET_TITLES[s]} {n}" for s, n in removed.items())
+    return (f"LAMA-UHN person-name filter: ran with {run['bert_model']} (top {run['top_k']}) and "
+            f"removed {sum(removed.values())} facts ({parts}).")
 
 
 def relation_order(name: str) -> tuple[int, str]:
@@ -722,33 +818,88 @@ def relation_order(name: str) -> tuple[int, str]:
     return (int(name[1:]), "") if name[:1] == "P" and name[1:].isdigit() else (1 << 30, name)
 
 
-def plot_per_relation(results: dict[str, Any], path: str | Path) -> None:
-    """Bars of per-relation P@1: the encoder beside each K-Adapter variant, one panel per subset."""
+def relation_labels(lama_dir: str | Path) -> dict[str, str]:
+    """Relation id -> readable name: relations.jsonl's ``label`` (P19 -> place of birth),
+    Google-RE's file names in words (place_of_birth -> place of birth)."""
+    labels = {name: name.replace("_", " ") for name in GOOGLE_RE_TEMPLATES}
+    path = Path(lama_dir) / "relations.jsonl"
+    if path.is_file():
+        for _, record in read_jsonl(path):
+            if isinstance(record.get("relation"), str) and isinstance(record.get("label"), str):
+                labels[record["relation"]] = record["label"]
+    return labels
+
+
+def plot_per_relation(results: dict[str, Any], path: str | Path,
+                      labels: dict[str, str] | None = None) -> None:
+    """Bars of per-relation P@1: the encoder beside each K-Adapter variant, one panel per
+    subset; each bar's value printed on it, the axis scaled to the data, each P-id with
+    its relation's name (``labels``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = labels or {}
     subsets = [s for s in SUBSETS if s in results["subsets"]]
     variants = results["variants"]
-    fig, axes = plt.subplots(len(subsets), 1, figsize=(12, 3.2 * len(subsets)), squeeze=False)
+    fig, axes = plt.subplots(len(subsets), 1, figsize=(13, 3.8 * len(subsets)), squeeze=False)
     width = 0.8 / len(variants)
     for ax, subset in zip(axes[:, 0], subsets):
         per_variant = results["subsets"][subset]
         relations = sorted(per_variant[variants[0]]["per_relation"], key=relation_order)
+        top = 0.0
         for i, variant in enumerate(variants):
             values = [100 * per_variant[variant]["per_relation"][r]["p@1"] for r in relations]
-            ax.bar([x + (i - (len(variants) - 1) / 2) * width for x in range(len(relations))],
-                   values, width, label="encoder" if variant == "encoder" else f"K-Adapter ({variant})")
+            top = max([top, *values])
+            bars = ax.bar([x + (i - (len(variants) - 1) / 2) * width for x in range(len(relations))],
+                          values, width,
+                          label="encoder" if variant == "encoder" else f"K-Adapter ({variant})")
+            ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=6, padding=1)
         ax.set_xticks(range(len(relations)))
-        ax.set_xticklabels(relations, rotation=45, ha="right", fontsize=8)
-        ax.set_ylim(0, 100 if relations else 1)
+        # a P-id with its name beside it (P19 place of birth); Google-RE's names alone
+        ax.set_xticklabels([f"{r} {labels[r]}" if r[:1] == "P" and r[1:].isdigit() and r in labels
+                            else labels.get(r, r) for r in relations],
+                           rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, max(1.0, min(100.0, top * 1.2)))
         ax.set_ylabel("P@1 (%)")
-        ax.set_title(f"{SUBSET_TITLES[subset]}: P@1 per relation")
-        ax.legend(fontsize=8)
+        ax.set_title(f"{SUBSET_TITLES[subset]}: P@1 per relation ({results['preset']} preset)")
+        ax.legend(fontsize=8, ncols=len(variants))
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
+
+
+def plot_mlm_curves(records: list[dict[str, Any]], path: str | Path) -> None:
+    """The MLM mix's training: dev MLM loss per variant (one line each, from the loop's
+    ``mlm_loss/<variant>`` records) against the optimizer step. The encoder's own head
+    is not trained: its line is the reference the mixes start from (they begin as the
+    identity) and should go below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    dev = [r for r in records if r["kind"] == "dev"]
+    names = sorted({k.split("/", 1)[1] for r in dev for k in r if k.startswith("mlm_loss/")},
+                   key=lambda n: (n != "encoder", n))
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name in names:
+        points = [(r["step"], r[f"mlm_loss/{name}"]) for r in dev if f"mlm_loss/{name}" in r]
+        axes.plot(*zip(*points), marker="o",
+                  **({"color": "black", "linestyle": "--", "label": "encoder (its own head, not trained)"}
+                     if name == "encoder" else {"label": f"K-Adapter ({name})"}))
+    axes.set(xlabel="optimizer step", ylabel="dev MLM loss (per masked token)",
+             title="LAMA: MLM mix per variant, dev loss")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if names:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    tmp.replace(path)
 
 
 def count_reasons(dropped: list[dict[str, Any]]) -> dict[str, int]:

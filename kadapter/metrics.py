@@ -7,9 +7,11 @@ names (entity typing), a relation name (TACRED) or a choice label (multiple choi
 below are pure functions of those rows, so any predictions file can be re-scored.
 
 Values are fractions in [0, 1]; tables multiply by 100 as the paper does.
-- OpenEntity: loose micro precision / recall / F1 over predicted type sets.
+- OpenEntity: loose micro precision / recall / F1 over predicted type sets, as
+  microsoft/K-Adapter's run_finetune_openentity_adapter.py.
 - FIGER: strict accuracy (predicted set == gold set), loose macro F1 (per-example
-  precision and recall averaged over examples), loose micro F1 (Ling & Weld 2012).
+  precision and recall averaged over examples), loose micro F1 (Ling & Weld 2012), as
+  run_finetune_figer_adapter.py (whose prediction rule kadapter.tasks follows).
 - TACRED: micro P/R/F1 where ``no_relation`` is never a positive, exactly as the
   official TACRED scorer (Zhang et al. 2017), including its convention that precision
   is 1.0 when nothing positive was predicted.

@@ -22,10 +22,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+from transformers.utils import ModelOutput
 
-from kadapter.io import atomic_output_dir, atomic_write_json, read_json
+from kadapter.io import atomic_output_dir, atomic_save_safetensors, atomic_write_json, read_json
 
 POSITION_CONVENTION = (
     "positions index the encoder's hidden_states tuple: 0 = embedding output, "
@@ -47,8 +48,10 @@ class ModelConfig:
     """Where the tiny model is built on first use (only used when name_or_path is ``tiny``)."""
     tiny_corpus: str = "data/sample"
     """Directory whose .txt/.json/.jsonl files train the tiny model's BPE tokenizer."""
-    encoder_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Dtype of the frozen encoder's weights: ``auto`` = bfloat16 on CUDA, float32 on CPU."""
+    encoder_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of the frozen encoder's weights (pretraining, LAMA; fine-tuning trains the
+    encoder in fp32): ``auto`` = bfloat16 on CUDA (float16 when the run's mixed precision
+    is fp16), float32 on CPU. Trainable modules stay float32 whatever this is."""
 
 
 @dataclass
@@ -204,9 +207,12 @@ class KnowledgeAdapter(nn.Module):
 class Combiner(nn.Module):
     """Combine the encoder's last state with any subset of adapter outputs -> (B, T, H).
 
-    ``concat``: per adapter dense(concat(encoder_last, adapter_out)), then dense over the
-    concatenation of those (KADAPTER.md section 2). ``add``: encoder_last + sum of adapter
-    outputs. With no adapters both return encoder_last unchanged (the "encoder alone" row).
+    ``concat``: per adapter dense(concat(encoder_last, adapter_out)), then, with two or
+    more adapters, dense over the concatenation of those (``out``; KADAPTER.md section 2).
+    With one adapter ``out`` is left out: the per-adapter layer is the only combining
+    layer, as in the original's single-adapter scripts. ``add``: encoder_last + sum of
+    adapter outputs. With no adapters both return encoder_last unchanged (the "encoder
+    alone" row).
     """
 
     def __init__(self, adapter_names: list[str], hidden_size: int,
@@ -218,7 +224,8 @@ class Combiner(nn.Module):
             self.per_adapter = nn.ModuleDict(
                 {n: nn.Linear(2 * hidden_size, hidden_size) for n in self.adapter_names}
             )
-            self.out = nn.Linear(len(self.adapter_names) * hidden_size, hidden_size)
+            if len(self.adapter_names) > 1:
+                self.out = nn.Linear(len(self.adapter_names) * hidden_size, hidden_size)
 
     def forward(self, encoder_last: torch.Tensor,
                 adapter_outputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -227,23 +234,30 @@ class Combiner(nn.Module):
             raise KeyError(f"combiner expects adapter outputs {missing}")
         if not self.adapter_names:
             return encoder_last
-        if self.mode == "add":
-            return encoder_last + sum(adapter_outputs[n].to(encoder_last.dtype)
-                                      for n in self.adapter_names)
-        parts = [
-            self.per_adapter[n](torch.cat([encoder_last, adapter_outputs[n].to(encoder_last.dtype)], -1))
-            for n in self.adapter_names
-        ]
-        return self.out(torch.cat(parts, dim=-1))
+        if self.mode == "add":  # in the widest dtype: a bf16 encoder beside fp32 adapters
+            dtype = encoder_last.dtype
+            for n in self.adapter_names:
+                dtype = torch.promote_types(dtype, adapter_outputs[n].dtype)
+            return encoder_last.to(dtype) + sum(adapter_outputs[n].to(dtype)
+                                                for n in self.adapter_names)
+        # inputs in the layers' own dtype (fp32 master weights; autocast, when on, lowers it)
+        dtype = self.per_adapter[self.adapter_names[0]].weight.dtype
+        last = encoder_last.to(dtype)
+        parts = [self.per_adapter[n](torch.cat([last, adapter_outputs[n].to(dtype)], -1))
+                 for n in self.adapter_names]
+        return self.out(torch.cat(parts, dim=-1)) if len(parts) > 1 else parts[0]
 
 
 @dataclass
-class KAdapterOutput:
-    last_hidden_state: torch.Tensor
+class KAdapterOutput(ModelOutput):
+    """A ``transformers`` ModelOutput (a registered pytree node), so ``torch.export`` and
+    tracing accept the model's output."""
+
+    last_hidden_state: torch.Tensor | None = None
     """(B, T, H): the encoder's last hidden state."""
-    hidden_states: tuple[torch.Tensor, ...]
+    hidden_states: tuple[torch.Tensor, ...] | None = None
     """The encoder's hidden-states tuple (embeddings first)."""
-    adapter_outputs: dict[str, torch.Tensor]
+    adapter_outputs: dict[str, torch.Tensor] | None = None
     """Adapter name -> (B, T, H) adapter output."""
 
 
@@ -334,12 +348,18 @@ def save_adapter(
     encoder_config: Any,
     task: dict[str, Any],
     head_state: dict[str, torch.Tensor] | None = None,
+    base_model_revision: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``adapter_config.json`` + ``adapter.safetensors`` (adapter and head weights).
+    """Write ``adapter_config.json`` + ``adapter.safetensors`` (adapter and head weights)
+    + ``README.md`` (a model card with Hub metadata).
 
     ``task`` describes the pretraining task (name, label list, head settings); it is stored
-    verbatim so the head can be rebuilt. The directory is replaced atomically.
+    verbatim so the head can be rebuilt. ``extra`` adds top-level keys to the config (e.g.
+    ``converted_from``). The directory is replaced atomically.
     """
+    from kadapter.hub import adapter_card, model_revision, write_card
+
     tensors = {f"adapter.{k}": v for k, v in adapter.state_dict().items()}
     tensors.update({f"head.{k}": v for k, v in (head_state or {}).items()})
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -347,6 +367,8 @@ def save_adapter(
         "format": "kadapter-adapter",
         "format_version": FORMAT_VERSION,
         "base_model": base_model,
+        "base_model_revision": base_model_revision or model_revision(
+            getattr(encoder_config, "_name_or_path", "") or base_model),
         "encoder": {
             "model_type": getattr(encoder_config, "model_type", None),
             "hidden_size": encoder_config.hidden_size,
@@ -356,11 +378,13 @@ def save_adapter(
         "adapter": dataclasses.asdict(adapter.config),
         "parameters": count_parameters(adapter),
         "task": task,
+        **(extra or {}),
     }
     directory = Path(directory)
-    with atomic_output_dir(directory) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+    with atomic_output_dir(directory, stage="adapter") as tmp:
+        atomic_save_safetensors(tensors, tmp / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
         atomic_write_json(tmp / ADAPTER_CONFIG_FILE, config)
+        write_card(tmp, adapter_card(config))
     return directory
 
 
@@ -385,12 +409,24 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_adapter(directory: str | Path, encoder_config: Any) -> LoadedAdapter:
-    """Load an adapter directory for an encoder with ``encoder_config``; fail clearly on
-    a missing or corrupt file or on an encoder of another shape."""
-    directory = Path(directory)
+def _config_section(config: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    value = config.get(key)
+    if not isinstance(value, dict):
+        problem = "missing" if value is None else f"not an object ({type(value).__name__})"
+        raise AdapterLoadError(f"{path}: key {key!r} {problem}")
+    return value
+
+
+def load_adapter(directory: str | Path, encoder_config: Any, revision: str | None = None) -> LoadedAdapter:
+    """Load an adapter directory (or a Hub id: ``owner/name[@revision]``) for an encoder
+    with ``encoder_config``; fail clearly on a missing or corrupt file or on an encoder of
+    another shape."""
+    from kadapter.hub import resolve_adapter
+
+    directory = resolve_adapter(directory, revision)
     config = read_adapter_config(directory)
-    expected = config["encoder"]
+    config_path = directory / ADAPTER_CONFIG_FILE
+    expected = _config_section(config, "encoder", config_path)
     actual = {"hidden_size": encoder_config.hidden_size,
               "num_hidden_layers": encoder_config.num_hidden_layers}
     mismatched = {k: (expected.get(k), v) for k, v in actual.items() if expected.get(k) != v}
@@ -403,9 +439,16 @@ def load_adapter(directory: str | Path, encoder_config: Any) -> LoadedAdapter:
         )
     from kadapter.config import build  # local: config imports this module's dataclasses
 
-    adapter_config = build(AdapterConfig, config["adapter"], f"{directory / ADAPTER_CONFIG_FILE}:adapter")
-    adapter = KnowledgeAdapter(adapter_config, encoder_config.hidden_size,
-                               encoder_config.num_hidden_layers)
+    try:
+        adapter_config = build(AdapterConfig, _config_section(config, "adapter", config_path),
+                               f"{config_path}:adapter")
+        adapter = KnowledgeAdapter(adapter_config, encoder_config.hidden_size,
+                                   encoder_config.num_hidden_layers)
+    except (ValueError, TypeError) as err:  # ConfigError is a ValueError
+        if isinstance(err, AdapterLoadError):
+            raise
+        problem = str(err).removeprefix(f"{config_path}:adapter").lstrip(":. ")
+        raise AdapterLoadError(f"{config_path}: key 'adapter': {problem}") from None
     weights_path = directory / ADAPTER_WEIGHTS_FILE
     if not weights_path.is_file():
         raise AdapterLoadError(f"{directory}: {ADAPTER_WEIGHTS_FILE} missing")
@@ -444,13 +487,16 @@ def _not_available(name: str, err: Exception) -> ModelNotAvailable:
     )
 
 
-def encoder_dtype(config: ModelConfig, device: torch.device | str | None = None) -> torch.dtype:
-    if config.encoder_dtype == "float32":
-        return torch.float32
-    if config.encoder_dtype == "bfloat16":
-        return torch.bfloat16
+def encoder_dtype(config: ModelConfig, device: torch.device | str | None = None,
+                  mixed_precision: str = "no") -> torch.dtype:
+    """The frozen encoder's weight dtype for ``config.encoder_dtype`` on ``device`` in a run
+    of Accelerate's ``mixed_precision`` (``no``, ``bf16``, ``fp16``)."""
+    if config.encoder_dtype != "auto":
+        return getattr(torch, config.encoder_dtype)
     device_type = torch.device(device).type if device is not None else "cpu"
-    return torch.bfloat16 if device_type == "cuda" else torch.float32
+    if device_type != "cuda":
+        return torch.float32
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
 
 
 def load_tokenizer(name_or_path: str):

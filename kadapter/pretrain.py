@@ -6,9 +6,11 @@ head prediction) tasks of K-Adapter, on a frozen encoder.
 Both tasks share one path (``run_pretraining``):
 
 1. features: the task's Parquet rows are turned into token ids (and spans or per-token
-   labels) once, then cached on disk under ``cache_dir/<task>-<key>/`` where the key
-   hashes the tokenizer, the input files, ``max_length`` and the feature code version;
-   a second run (or the other processes of a multi-process run) only reads the cache;
+   labels) once, by the feature stage (``kadapter.features``, ``make features``), into a
+   memory-mapped columnar cache under ``cache_dir/<task>-<key>/`` where the key hashes
+   the tokenizer, the input files, ``max_length`` and the feature code version; a
+   training run only maps it (a missing cache is built by the main process first, with
+   ``feature_workers`` processes, while the others wait up to ``process_group_timeout_s``);
 2. model: the frozen encoder (bf16 on CUDA, eval mode, ``no_grad``, outside DDP) gives
    its hidden states; the trainable part is the knowledge adapter plus a task head;
    the head first combines ``concat(encoder_last, adapter_out) -> dense`` with
@@ -18,7 +20,9 @@ Both tasks share one path (``run_pretraining``):
 4. outputs in ``output_dir``: ``adapter_config.json`` + ``adapter.safetensors`` (the
    adapter and the head, loadable with ``kadapter.modeling.load_adapter``; the head is
    rebuilt with ``build_head``), ``metrics.jsonl``, ``tensorboard/``, ``curves.png``,
-   ``checkpoints/`` and ``manifest.json``.
+   ``checkpoints/`` and ``manifest.json``. The run trains in the hidden sibling
+   ``.<output_dir name>.partial`` (where ``--resume`` continues) and replaces
+   ``output_dir`` whole only when complete: a killed run never loses the previous adapter.
 
 Factual task (``fac``), T-REx-rc rows ``sentence, subj_start, subj_end, obj_start,
 obj_end, relation, label``: ``@`` is inserted around the subject and ``#`` around the
@@ -46,10 +50,9 @@ unlabelled attachment score (UAS) over labelled words.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -63,14 +66,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kadapter.config import Config, ConfigError
+from kadapter.config import Config, ConfigError, to_plain
+from kadapter.features import pretrain_features
+from kadapter.hub import MODEL_CARD_FILE
 from kadapter.io import (
     InputError,
-    atomic_output_dir,
     atomic_write_json,
+    check_output_dir,
     file_fingerprint,
-    fingerprint_of,
-    read_json,
+    remove_stale_temporaries,
+    replace_dir,
     versions,
 )
 from kadapter.modeling import (
@@ -85,11 +90,22 @@ from kadapter.modeling import (
     resolve_model_path,
     save_adapter,
 )
+from kadapter.progress import progress_chunks
 from kadapter.spans import gather_positions, mark_spans, span_mean, token_span
-from kadapter.training import FeatureTable, PadCollator, TrainingConfig, make_accelerator, train
+from kadapter.training import (
+    CURVES_FILE,
+    FeatureTable,
+    PadCollator,
+    TrainingConfig,
+    batch_plan,
+    make_accelerator,
+    plot_curves,
+    precision_of,
+    read_metrics,
+    train,
+)
 
 TASKS = ("fac", "lin")
-FEATURES_VERSION = 1  # bump when the feature code changes: old caches are then ignored
 CHUNK_ROWS = 10_000  # rows tokenized per tokenizer call
 IGNORE_INDEX = -100
 SUBJECT_MARKER, OBJECT_MARKER = "@", "#"
@@ -124,6 +140,9 @@ class PretrainConfig(TrainingConfig):
     ``marker`` = the combined features at the opening @ / # marker (the original)."""
     head_dropout: float = 0.1
     """Dropout in the task head."""
+    feature_workers: int = 0
+    """Processes that build a missing feature cache (0 = every core); the cache and its
+    key do not depend on it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -142,6 +161,8 @@ def resolve_paths(section: PretrainConfig, task: str, preset: str) -> tuple[Path
 
 
 # --------------------------------------------------------------------------- features
+# The one-example-at-a-time reference of the features that kadapter.features builds in
+# parallel: tests check the cache equals it, benchmarks/paper_scale.py times it.
 
 
 def read_rows(path: Path, columns: tuple[str, ...]):
@@ -166,7 +187,7 @@ def fac_features(path: Path, tokenizer, max_length: int, relations: list[str]
                  ) -> tuple[FeatureTable, dict[str, int]]:
     """T-REx-rc rows -> marked, tokenized examples with mention and marker positions."""
     out, counts = [], Counter()
-    for first, rows in read_rows(path, FAC_COLUMNS):
+    for first, rows in progress_chunks(read_rows(path, FAC_COLUMNS), desc=f"tokenize {path.name}"):
         marked = []
         for offset, row in enumerate(rows):
             index = first + offset
@@ -209,7 +230,7 @@ def lin_features(path: Path, tokenizer, max_length: int) -> tuple[FeatureTable, 
     from kadapter.deps import check_record, head_labels_batch
 
     out, counts = [], Counter()
-    for first, rows in read_rows(path, LIN_COLUMNS):
+    for first, rows in progress_chunks(read_rows(path, LIN_COLUMNS), desc=f"tokenize {path.name}"):
         for offset, row in enumerate(rows):
             try:
                 check_record(row, first + offset)
@@ -227,59 +248,6 @@ def lin_features(path: Path, tokenizer, max_length: int) -> tuple[FeatureTable, 
         raise InputError(path, None, f"no usable examples ({dict(counts)})")
     counts["examples"] = len(out)
     return FeatureTable.from_rows(out, ragged=["input_ids", "labels"]), dict(counts)
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the tokenizer's vocabulary, merges, normalizer and special tokens; the
-    truncation/padding state (left behind by the last call) is not part of it."""
-    state = json.loads(tokenizer.backend_tokenizer.to_str())
-    state.pop("truncation", None)
-    state.pop("padding", None)
-    return fingerprint_of({"backend": state, "class": type(tokenizer).__name__})
-
-
-def load_features(task: str, data_dir: Path, cache_dir: Path, tokenizer, max_length: int,
-                  accelerator=None) -> dict[str, Any]:
-    """Train/dev FeatureTables, from the cache when its key matches, else built and cached.
-
-    Returns ``{"train", "dev", "counts", "labels", "cache", "inputs"}``. With several
-    processes the main process builds the cache first; the others then read it.
-    """
-    files = [data_dir / "train.parquet", data_dir / "dev.parquet"]
-    if task == "fac":
-        files.append(data_dir / "relations.json")
-    for path in files:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found (run `make data-{'trex' if task == 'fac' else 'deps'}`)")
-    inputs = [file_fingerprint(p) for p in files]
-    key = fingerprint_of({"task": task, "version": FEATURES_VERSION, "max_length": max_length,
-                          "tokenizer": tokenizer_fingerprint(tokenizer),
-                          "inputs": [i["sha256"] for i in inputs]})
-    cache = cache_dir / f"{task}-{key}"
-    labels = read_json(data_dir / "relations.json") if task == "fac" else None
-    if task == "fac" and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
-        raise InputError(data_dir / "relations.json", None, "expected a JSON list of P-ids")
-
-    def build() -> None:
-        with atomic_output_dir(cache) as tmp:
-            counts = {}
-            for split in ("train", "dev"):
-                path = data_dir / f"{split}.parquet"
-                if task == "fac":
-                    table, counts[split] = fac_features(path, tokenizer, max_length, labels)
-                else:
-                    table, counts[split] = lin_features(path, tokenizer, max_length)
-                table.write_parquet(tmp / f"{split}.parquet")
-            atomic_write_json(tmp / "features.json", {"key": key, "counts": counts,
-                                                      "inputs": inputs})
-
-    with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
-        if not (cache / "features.json").is_file():
-            build()
-    return {"train": FeatureTable.read_parquet(cache / "train.parquet"),
-            "dev": FeatureTable.read_parquet(cache / "dev.parquet"),
-            "counts": read_json(cache / "features.json")["counts"], "labels": labels,
-            "cache": str(cache), "inputs": inputs}
 
 
 # --------------------------------------------------------------------------- heads
@@ -450,20 +418,22 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
     data_dir, output_dir, cache_dir = resolve_paths(section, task, config.preset)
     accelerator = make_accelerator(section)
     main = accelerator.is_main_process
+    batch_key = f"pretrain_{task}.batch_size"
+    batch_plan(section, accelerator.num_processes, batch_key)  # a batch that cannot split fails now
 
     # ---- model files, tokenizer, features (built once, then read from the cache)
     with accelerator.main_process_first():
         model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    features = load_features(task, data_dir, cache_dir, tokenizer, section.max_length,
-                             accelerator)
+    features = pretrain_features(task, data_dir, cache_dir, tokenizer, section.max_length,
+                                 section.feature_workers, accelerator)
     train_data, dev_data, labels = features["train"], features["dev"], features["labels"]
     if main:
         print(f"{task}: {len(train_data)} train / {len(dev_data)} dev examples "
               f"(features {features['cache']})")
 
     # ---- the frozen encoder and the trainable adapter + head (same init on every process)
-    dtype = encoder_dtype(config.model, accelerator.device)
+    dtype = encoder_dtype(config.model, accelerator.device, accelerator.mixed_precision)
     encoder = load_encoder(model_path, dtype=dtype)
     if section.max_length > max_sequence_length(encoder):
         raise ConfigError(f"pretrain_{task}.max_length {section.max_length} exceeds the encoder's "
@@ -473,10 +443,15 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
     settings = head_settings(task, section, hidden, labels)
     model = PretrainModel(KnowledgeAdapter(config.adapter, hidden, layers), build_head(settings))
 
-    # ---- a fresh run must not leave a previous run's adapter looking current
-    if main and not resume:
-        for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, "manifest.json"):
-            (output_dir / name).unlink(missing_ok=True)
+    # ---- train in a hidden sibling: the previous complete adapter stays in output_dir
+    # until the new one is complete (then the sibling replaces it whole)
+    staging = output_dir.with_name(f".{output_dir.name}.partial")
+    if main:
+        check_output_dir(output_dir, "pretrain")
+        remove_stale_temporaries(output_dir.parent, output_dir.name)
+        if not resume:
+            shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
     pad_values, loss_fn, predict_fn, metrics_fn = task_functions(task)
     pad_values["input_ids"] = tokenizer.pad_token_id
     multiple = 8 if accelerator.device.type == "cuda" else None
@@ -485,8 +460,11 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
         collate=PadCollator(pad_values, pad_to_multiple_of=multiple),
         loss_fn=loss_fn, predict_fn=predict_fn, metrics_fn=metrics_fn,
         frozen=encoder, frozen_dtype=dtype,
-        frozen_forward=encode_hidden_states, output_dir=output_dir, seed=config.seed,
-        resume=resume, accelerator=accelerator, description=f"pretrain {task}")
+        frozen_forward=encode_hidden_states, output_dir=staging, seed=config.seed,
+        resume=resume, accelerator=accelerator, description=f"pretrain {task}",
+        batch_key=batch_key,
+        stage="pretrain", run_config={"model": config.model.name_or_path,
+                                      "adapter": to_plain(config.adapter)})
 
     # ---- outputs: the adapter (+ head) and the manifest, written by the main process
     baseline = None
@@ -502,25 +480,34 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
                      "tokens_per_s": round(result.tokens_per_s, 1),
                      "wall_seconds": round(time.time() - started, 3),
                      "processes": accelerator.num_processes,
+                     "batch": {**result.batch.to_dict(),
+                               "examples_left_per_epoch": result.examples_left_per_epoch},
                      "device": str(accelerator.device),
                      "mixed_precision": accelerator.mixed_precision,
-                     "resumed_from": result.resumed_from, "best_step": result.best_step},
+                     "precision": precision_of(section).to_dict(), "encoder_dtype": str(dtype),
+                     "resumed_from": result.resumed_from, "best_step": result.best_step,
+                     "resumed_config_changes": result.config_changes},
         "dev_metrics": result.dev_metrics,
         "majority_baseline": baseline,
         "versions": versions(),
     }
     if main:
         task_info = {"name": task, "labels": labels, "max_length": section.max_length,
-                     "head": settings, "combiner": "concat", "dev_metrics": result.dev_metrics}
-        adapter_tmp = output_dir / ".adapter.tmp"
+                     "head": settings, "combiner": "concat", "dev_metrics": result.dev_metrics,
+                     "data": {"manifest_sha256": manifest["inputs"]["data_manifest"],
+                              "files": features["inputs"]}}
+        adapter_tmp = staging / ".adapter"
         save_adapter(adapter_tmp, result.model.adapter, base_model=config.model.name_or_path,
                      encoder_config=encoder.config, task=task_info,
                      head_state=result.model.head.state_dict())
-        atomic_write_json(output_dir / "manifest.json", manifest)
-        # weights first, config last: adapter_config.json marks a finished adapter
-        for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE):
-            os.replace(adapter_tmp / name, output_dir / name)
-        adapter_tmp.rmdir()
+        for name in (ADAPTER_WEIGHTS_FILE, MODEL_CARD_FILE, ADAPTER_CONFIG_FILE):
+            os.replace(adapter_tmp / name, staging / name)
+        shutil.rmtree(adapter_tmp)
+        atomic_write_json(staging / "manifest.json", manifest)
+        if baseline is not None:  # the curves again, with the majority class marked
+            plot_curves(read_metrics(staging), staging / CURVES_FILE, f"pretrain {task}",
+                        baselines={"accuracy": baseline["accuracy"]})
+        replace_dir(staging, output_dir, stage="pretrain")
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in (result.dev_metrics or {}).items())
         line = f"{task} adapter -> {output_dir}: dev {metrics}"
         if baseline is not None:
@@ -545,7 +532,6 @@ __all__ = [
     "classification_metrics",
     "fac_features",
     "lin_features",
-    "load_features",
     "majority_baseline",
     "run_pretraining",
 ]

@@ -67,9 +67,9 @@ def _remote(function, **options):
 
 
 def _scan(path: str, seed: int, dev_fraction: float, exclude: frozenset[str],
-          on_error: str) -> tuple[trex.FileScan, pa.Table, pa.Table]:
+          on_error: str, skip_docids: frozenset[str]) -> tuple[trex.FileScan, pa.Table, pa.Table]:
     """``trex.scan_table`` for one file: (scan without its counter, candidates, counts)."""
-    scan, table = trex.scan_table(path, seed, dev_fraction, exclude, on_error)
+    scan, table = trex.scan_table(path, seed, dev_fraction, exclude, on_error, skip_docids)
     counts = pa.table({"entity": pa.array(list(scan.entity_counts), pa.string()),
                        "count": pa.array(list(scan.entity_counts.values()), pa.int64())})
     scan.entity_counts = None
@@ -108,32 +108,36 @@ class RayTrex:
             refs = [task.remote(*refs[i:i + FAN_IN]) for i in range(0, len(refs), FAN_IN)]
         return ray.get(refs[0])
 
-    def scan(self) -> tuple[Any, int]:
+    def scan(self, skips: dict[int, frozenset[str]]) -> tuple[Any, int, list]:
+        """Pass 1 as one task per file (see ``trex.LocalTrex.scan``)."""
         import ray
-        from tqdm import tqdm
+
+        from kadapter.progress import progress as progress_bar
 
         config = self.config
         exclude = frozenset(config.exclude_relations)
         task = _remote(_scan, num_returns=3)
-        results = [task.remote(str(p), self.seed, config.dev_fraction, exclude, config.on_error)
-                   for p in self.paths]
-        stats, candidates = Counter(), 0
-        self.count_refs = []
+        results = [task.remote(str(p), self.seed, config.dev_fraction, exclude, config.on_error,
+                               skips.get(i, frozenset()))
+                   for i, p in enumerate(self.paths)]
+        stats, candidates, docids = Counter(), 0, []
+        self.tables, self.count_refs = [], []
         try:
-            for scan_ref, table_ref, counts_ref in tqdm(
+            for scan_ref, table_ref, counts_ref in progress_bar(
                     results, desc="T-REx files", unit="file", disable=not self.progress):
                 scan = ray.get(scan_ref)
                 if scan.error:
                     raise InputError(*scan.error)
                 stats.update(scan.stats)
                 candidates += scan.candidates
+                docids.append(trex._docids_of(scan))
                 self.tables.append(table_ref)
                 self.count_refs.append(counts_ref)
         except BaseException:
             for refs in results:
                 ray.cancel(refs[0], force=True)
             raise
-        return stats, candidates
+        return stats, candidates, docids
 
     def entity_totals(self, min_count: int) -> tuple[int, int, pa.Array]:
         totals = self._tree(_sum_counts, self.count_refs)

@@ -71,12 +71,15 @@ def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[in
 
 
 def span_mean(features: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Mean of ``features[b, starts[b]:ends[b]]`` for each row b: (B, T, H) -> (B, H)."""
+    """Mean of ``features[b, starts[b]:ends[b]]`` for each row b: (B, T, H) -> (B, H).
+
+    Spans are not checked here (that would wait for the device on every step): the
+    feature stage rejects an empty or out-of-range span when it builds the features
+    (``kadapter.features.check_spans``); an empty span would give zeros.
+    """
     positions = torch.arange(features.shape[1], device=features.device)
     mask = (positions[None, :] >= starts[:, None]) & (positions[None, :] < ends[:, None])
-    counts = mask.sum(dim=1, keepdim=True)
-    if bool((counts == 0).any()):
-        raise ValueError("span_mean got an empty span")
+    counts = mask.sum(dim=1, keepdim=True).clamp(min=1)
     mask = mask.to(features.dtype)
     return torch.einsum("bt,bth->bh", mask, features) / counts.to(features.dtype)
 

@@ -4,15 +4,21 @@ Five tasks, three kinds (KADAPTER.md section 4):
 - entity typing, ``typing`` (OpenEntity, 9 types) and ``figer`` (FIGER, 113 types): a
   JSON list of ``{sent, start, end, labels}`` with character offsets (end exclusive).
   Input: the sentence with ``@`` around the mention; head: pooled mention -> one logit
-  per type (sigmoid). OpenEntity predicts every type with logit > 0; FIGER always
-  predicts the argmax type plus any other with logit > 0.
+  per type (sigmoid). OpenEntity predicts every type with logit > 0; FIGER predicts
+  every type whose logit is > 0 or equal to the maximum, so all types tied at the top
+  are kept (the original's rule, ``accuracy`` in run_finetune_figer_adapter.py).
 - relation classification, ``tacred``: a JSON list of ``{id, relation, token,
   subj_start, subj_end, obj_start, obj_end, ...}`` with inclusive token spans. Input:
   ``@`` around the subject, ``#`` around the object; head: concat(pooled subject,
   pooled object) -> 42 logits (softmax).
 - multiple choice, ``csqa`` (CommonsenseQA JSONL, 5 choices; the test file has no
-  ``answerKey``) and ``cosmosqa`` (CosmosQA JSONL ``context, question, answer0..3,
-  label``): one sequence per choice, scored from ``<s>``, softmax over the choices.
+  ``answerKey``) and ``cosmosqa`` (CosmosQA's release CSV ``id, context, question,
+  answer0..3, label``, or its leaderboard JSONL with the labels in ``*-labels.lst``):
+  one sequence per choice, scored from ``<s>``, softmax over the choices.
+
+A bad record (a span out of range or empty, overlapping subject and object, an unknown
+label, a missing field...) is a BadRecord naming file and record; a reader given a
+SkippedRecords (``on_error: skip``) counts it by reason and reads on instead.
 
 Label ids are indices into a sorted label list, never file order. Mentions are pooled
 as the mean of their sub-word states (``span``) or at the opening marker (``marker``,
@@ -23,18 +29,22 @@ the caller can count it.
 
 from __future__ import annotations
 
+import csv
+import io
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import orjson
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kadapter.io import InputError, read_json, read_jsonl
+from kadapter.io import InputError, read_json
 from kadapter.spans import MarkedText, gather_positions, mark_spans, span_mean, token_span
 
 OPENENTITY_TYPES = sorted(
@@ -96,12 +106,81 @@ class ChoiceExample:
 
 # ----------------------------------------------------------------------------- readers
 
+SKIP_LOCATIONS_KEPT = 20
+"""How many bad records ``on_error: skip`` lists by location (all are counted)."""
 
-def _json_list(path: Path) -> list[Any]:
+
+class BadRecord(InputError):
+    """One record a reader rejects; ``reason`` names the kind of problem, the key under
+    which ``on_error: skip`` counts it."""
+
+    def __init__(self, path: str | Path, record: Any, problem: str, reason: str):
+        super().__init__(path, record, problem)
+        self.reason = reason
+
+
+class SkippedRecords:
+    """The bad records skipped under ``on_error: skip``: a count per reason and the first
+    SKIP_LOCATIONS_KEPT locations (file, record, reason, problem), in reading order."""
+
+    def __init__(self) -> None:
+        self.by_reason: Counter[str] = Counter()
+        self.by_file: Counter[str] = Counter()
+        self.first: list[dict[str, Any]] = []
+
+    def add(self, error: BadRecord) -> None:
+        self.by_reason[error.reason] += 1
+        self.by_file[error.path] += 1
+        if len(self.first) < SKIP_LOCATIONS_KEPT:
+            self.first.append({"file": error.path, "record": error.record, "reason": error.reason,
+                               "problem": error.problem})
+
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def summary(self) -> dict[str, Any]:
+        return {"total": self.total(), "by_reason": dict(sorted(self.by_reason.items())),
+                "by_file": dict(sorted(self.by_file.items())), "first": self.first}
+
+
+def _collect(records: Iterable[tuple[Any, Any]], parse: Callable[[Any, Any], Any],
+             skipped: SkippedRecords | None) -> list[Any]:
+    """parse(where, raw) for every record; a BadRecord is raised (``skipped`` None) or
+    counted and the record left out."""
+    examples = []
+    for where, raw in records:
+        try:
+            if isinstance(raw, BadRecord):
+                raise raw
+            examples.append(parse(where, raw))
+        except BadRecord as error:
+            if skipped is None:
+                raise
+            skipped.add(error)
+    return examples
+
+
+def _json_list(path: Path) -> list[tuple[int, Any]]:
     data = read_json(path)
     if not isinstance(data, list):
         raise InputError(path, None, f"expected a JSON list of records, got {type(data).__name__}")
-    return data
+    return list(enumerate(data))
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) per non-blank line; a line that is not JSON comes as a
+    BadRecord, so that ``on_error: skip`` can count it and read on."""
+    try:
+        handle = open(path, "rb")
+    except OSError as err:
+        raise FileNotFoundError(f"{path}: cannot read: {err}") from err
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    yield number, orjson.loads(line)
+                except orjson.JSONDecodeError as err:
+                    yield number, BadRecord(path, f"line {number}", f"not valid JSON: {err}", "invalid_json")
 
 
 class _Record:
@@ -110,35 +189,35 @@ class _Record:
     def __init__(self, path: Path, where: Any, record: Any):
         self.path, self.where = path, where
         if not isinstance(record, dict):
-            self.fail(f"expected a JSON object, got {type(record).__name__}")
+            self.fail(f"expected a JSON object, got {type(record).__name__}", "not_an_object")
         self.record = record
 
-    def fail(self, problem: str):
-        raise InputError(self.path, self.where, problem)
+    def fail(self, problem: str, reason: str):
+        raise BadRecord(self.path, self.where, problem, reason)
 
     def get(self, key: str, kind: type | tuple[type, ...], *, required: bool = True,
             record: dict | None = None) -> Any:
         source = self.record if record is None else record
         if key not in source:
             if required:
-                self.fail(f"missing field {key!r}")
+                self.fail(f"missing field {key!r}", "missing_field")
             return None
         value = source[key]
         if isinstance(value, bool) or not isinstance(value, kind):
             names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-            self.fail(f"field {key!r} must be {names}, got {value!r}")
+            self.fail(f"field {key!r} must be {names}, got {value!r}", "wrong_type")
         return value
 
     def text(self, key: str, record: dict | None = None) -> str:
         value = self.get(key, str, record=record)
         if not value.strip():
-            self.fail(f"field {key!r} is empty")
+            self.fail(f"field {key!r} is empty", "empty_field")
         return value
 
     def string_list(self, key: str) -> list[str]:
         values = self.get(key, list)
         if not all(isinstance(v, str) for v in values):
-            self.fail(f"field {key!r} must be a list of strings")
+            self.fail(f"field {key!r} must be a list of strings", "wrong_type")
         return values
 
 
@@ -146,35 +225,40 @@ def _check_labels(record: _Record, labels: Sequence[str], allowed: set[str] | No
     if allowed is not None:
         unknown = sorted(set(labels) - allowed)
         if unknown:
-            record.fail(f"unknown {what} {unknown}; expected one of the configured labels")
+            record.fail(f"unknown {what} {unknown}; expected one of the configured labels", "unknown_label")
 
 
-def read_typing(path: str | Path, allowed: Sequence[str] | None = None) -> list[TypingExample]:
-    """OpenEntity / FIGER: a JSON list of ``{sent, start, end, labels}`` (ids: ``<stem>-<i>``)."""
+def read_typing(path: str | Path, allowed: Sequence[str] | None = None,
+                skipped: SkippedRecords | None = None) -> list[TypingExample]:
+    """OpenEntity / FIGER: a JSON list of ``{sent, start, end, labels}`` (ids: ``<stem>-<i>``).
+    A bad record raises a BadRecord, or is counted in ``skipped`` when one is given."""
     path = Path(path)
     allowed_set = set(allowed) if allowed is not None else None
-    examples = []
-    for index, raw in enumerate(_json_list(path)):
+
+    def parse(index: int, raw: Any) -> TypingExample:
         record = _Record(path, index, raw)
         sent = record.text("sent")
         start, end = record.get("start", int), record.get("end", int)
         if not 0 <= start < end <= len(sent):
-            record.fail(f"mention [{start}, {end}) is empty or outside a sentence of {len(sent)} characters")
+            record.fail(f"mention [{start}, {end}) is empty or outside a sentence of {len(sent)} characters",
+                        "empty_span" if start >= end else "span_out_of_range")
         if not sent[start:end].strip():
-            record.fail(f"mention [{start}, {end}) is only whitespace")
+            record.fail(f"mention [{start}, {end}) is only whitespace", "empty_span")
         labels = record.string_list("labels")
         _check_labels(record, labels, allowed_set, "type(s)")
         example_id = str(raw["id"]) if "id" in raw else f"{path.stem}-{index}"
-        examples.append(TypingExample(example_id, sent, start, end, tuple(sorted(set(labels)))))
-    return examples
+        return TypingExample(example_id, sent, start, end, tuple(sorted(set(labels))))
+
+    return _collect(_json_list(path), parse, skipped)
 
 
-def read_tacred(path: str | Path, allowed: Sequence[str] | None = TACRED_RELATIONS) -> list[RelationExample]:
+def read_tacred(path: str | Path, allowed: Sequence[str] | None = TACRED_RELATIONS,
+                skipped: SkippedRecords | None = None) -> list[RelationExample]:
     """TACRED: a JSON list of records with inclusive token spans of subject and object."""
     path = Path(path)
     allowed_set = set(allowed) if allowed is not None else None
-    examples = []
-    for index, raw in enumerate(_json_list(path)):
+
+    def parse(index: int, raw: Any) -> RelationExample:
         record = _Record(path, index, raw)
         example_id = record.get("id", str)
         record.where = f"{index} (id {example_id})"
@@ -182,26 +266,30 @@ def read_tacred(path: str | Path, allowed: Sequence[str] | None = TACRED_RELATIO
         _check_labels(record, [relation], allowed_set, "relation")
         tokens = record.string_list("token")
         if not tokens:
-            record.fail("field 'token' is empty")
+            record.fail("field 'token' is empty", "empty_field")
         spans = []
         for role in ("subj", "obj"):
             first, last = record.get(f"{role}_start", int), record.get(f"{role}_end", int)
             if not 0 <= first <= last < len(tokens):
-                record.fail(f"{role} span [{first}, {last}] (inclusive) is outside {len(tokens)} tokens")
+                record.fail(f"{role} span [{first}, {last}] (inclusive) is outside {len(tokens)} tokens",
+                            "empty_span" if first > last else "span_out_of_range")
             spans.append((first, last))
         (s0, s1), (o0, o1) = spans
         if s0 <= o1 and o0 <= s1:
-            record.fail(f"subject [{s0}, {s1}] and object [{o0}, {o1}] overlap")
+            record.fail(f"subject [{s0}, {s1}] and object [{o0}, {o1}] overlap", "overlapping_spans")
         tokens = [PTB_ESCAPES.get(t, t) for t in tokens]
-        examples.append(RelationExample(example_id, tuple(tokens), spans[0], spans[1], relation))
-    return examples
+        return RelationExample(example_id, tuple(tokens), spans[0], spans[1], relation)
+
+    return _collect(_json_list(path), parse, skipped)
 
 
-def read_csqa(path: str | Path, allowed: Sequence[str] | None = None) -> list[ChoiceExample]:
+def read_csqa(path: str | Path, allowed: Sequence[str] | None = None,
+              skipped: SkippedRecords | None = None) -> list[ChoiceExample]:
     """CommonsenseQA JSONL ``{id, answerKey?, question: {stem, choices: [{label, text}]}}``."""
     path = Path(path)
-    examples = []
-    for number, raw in read_jsonl(path):
+    choice_count: list[int] = []  # the first good record's, which every other must match
+
+    def parse(number: int, raw: Any) -> ChoiceExample:
         record = _Record(path, f"line {number}", raw)
         example_id = record.get("id", str)
         record.where = f"line {number} (id {example_id})"
@@ -209,43 +297,113 @@ def read_csqa(path: str | Path, allowed: Sequence[str] | None = None) -> list[Ch
         stem = record.text("stem", record=question)
         choices = record.get("choices", list, record=question)
         if len(choices) < 2:
-            record.fail(f"expected at least 2 choices, got {len(choices)}")
+            record.fail(f"expected at least 2 choices, got {len(choices)}", "too_few_choices")
         labels, texts = [], []
         for choice in choices:
             if not isinstance(choice, dict):
-                record.fail("every choice must be an object with label and text")
+                record.fail("every choice must be an object with label and text", "wrong_type")
             labels.append(record.text("label", record=choice))
             texts.append(record.text("text", record=choice))
         if len(set(labels)) != len(labels):
-            record.fail(f"choice labels {labels} are not unique")
-        if examples and len(labels) != len(examples[0].choices):
-            record.fail(f"{len(labels)} choices, but the file's first record has {len(examples[0].choices)}")
+            record.fail(f"choice labels {labels} are not unique", "duplicate_choice_labels")
+        if choice_count and len(labels) != choice_count[0]:
+            record.fail(f"{len(labels)} choices, but the file's first record has {choice_count[0]}",
+                        "choice_count_mismatch")
         answer = record.get("answerKey", str, required=False)
         if answer is not None and answer not in labels:
-            record.fail(f"answerKey {answer!r} is not one of the choice labels {labels}")
-        examples.append(ChoiceExample(example_id, None, stem, tuple(texts), tuple(labels), answer))
-    return examples
+            record.fail(f"answerKey {answer!r} is not one of the choice labels {labels}", "unknown_label")
+        choice_count[:] = [len(labels)]
+        return ChoiceExample(example_id, None, stem, tuple(texts), tuple(labels), answer)
+
+    return _collect(_jsonl(path), parse, skipped)
 
 
 COSMOS_CHOICES = ("0", "1", "2", "3")
+COSMOS_FIELDS = ("id", "context", "question", "answer0", "answer1", "answer2", "answer3", "label")
 
 
-def read_cosmosqa(path: str | Path, allowed: Sequence[str] | None = None) -> list[ChoiceExample]:
-    """CosmosQA JSONL ``{id?, context, question, answer0..answer3, label?}``."""
+def cosmos_labels_file(path: Path) -> Path:
+    """The leaderboard layout keeps ``valid.jsonl``'s labels in ``valid-labels.lst``."""
+    return path.with_name(f"{path.stem}-labels.lst")
+
+
+def _cosmos_csv(path: Path) -> list[tuple[str, Any]]:
+    """The release's CSV: a header naming COSMOS_FIELDS (label may be absent), then one
+    row per example (fields may hold quoted newlines); records are ``row N`` (1 = the
+    first after the header)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(path, None, f"cannot read as UTF-8 CSV: {err}") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    missing = [f for f in COSMOS_FIELDS if f != "label" and f not in (header or [])]
+    if missing:
+        raise InputError(path, None, f"CSV header {header} lacks {missing}; expected {list(COSMOS_FIELDS)}")
+    rows = []
+    for number, row in enumerate(reader, start=1):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            rows.append((f"row {number}", BadRecord(path, f"row {number}", f"{len(row)} fields, the header has "
+                                                    f"{len(header)}", "wrong_field_count")))
+            continue
+        record = dict(zip(header, row))
+        if not record.get("label", "").strip():
+            record.pop("label", None)  # an unlabelled row (a test file)
+        rows.append((f"row {number}", record))
+    return rows
+
+
+def _cosmos_leaderboard_labels(path: Path, count: int) -> list[str] | None:
+    """The labels of the leaderboard layout (one per line, in record order), or None."""
+    labels_path = cosmos_labels_file(path)
+    if not labels_path.is_file():
+        return None
+    labels = [line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(labels) != count:
+        raise InputError(labels_path, None, f"{len(labels)} labels for the {count} records of {path.name}")
+    return labels
+
+
+def read_cosmosqa(path: str | Path, allowed: Sequence[str] | None = None,
+                  skipped: SkippedRecords | None = None) -> list[ChoiceExample]:
+    """CosmosQA in any of its layouts:
+
+    - the release's CSV (``train.csv``, ``valid.csv``): ``id, context, question,
+      answer0..answer3, label``;
+    - the leaderboard's JSONL (``train.jsonl``...) without labels, which are in
+      ``<stem>-labels.lst`` beside it, one per line in record order;
+    - JSONL with the label in each record (the original code's input).
+    A label is 0-3 (int or digit string); a record without one is unlabelled.
+    """
     path = Path(path)
-    examples = []
-    for number, raw in read_jsonl(path):
-        record = _Record(path, f"line {number}", raw)
-        example_id = str(raw.get("id", f"{path.stem}-{number}"))
+    if path.suffix == ".csv":
+        records = _cosmos_csv(path)
+        listed: list[str | None] = [None] * len(records)
+    else:
+        records = [(f"line {number}", raw) for number, raw in _jsonl(path)]
+        listed = _cosmos_leaderboard_labels(path, len(records)) or [None] * len(records)
+    lst_label = {where: label for (where, _), label in zip(records, listed)}
+
+    def parse(where: str, raw: Any) -> ChoiceExample:
+        record = _Record(path, where, raw)
+        example_id = str(raw["id"]) if "id" in raw else f"{path.stem}-{where.split()[-1]}"
         context, question = record.text("context"), record.text("question")
         answers = tuple(record.get(f"answer{i}", str) for i in range(len(COSMOS_CHOICES)))
         label = record.get("label", (int, str), required=False)
+        listed = lst_label[where]
+        if label is not None and listed is not None and str(label).strip() != listed:
+            record.fail(f"label {label!r} differs from {listed!r} in {cosmos_labels_file(path).name}",
+                        "conflicting_labels")
+        label = listed if listed is not None else label
         if label is not None:
             label = str(label).strip()
             if label not in COSMOS_CHOICES:
-                record.fail(f"label {raw['label']!r} is not one of 0, 1, 2, 3")
-        examples.append(ChoiceExample(example_id, context, question, answers, COSMOS_CHOICES, label))
-    return examples
+                record.fail(f"label {label!r} is not one of 0, 1, 2, 3", "unknown_label")
+        return ChoiceExample(example_id, context, question, answers, COSMOS_CHOICES, label)
+
+    return _collect(records, parse, skipped)
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -334,15 +492,28 @@ def pool(features: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, marke
 
 
 class MentionHead(nn.Module):
-    """Pool ``n_mentions`` mentions, concatenate, dropout, linear -> ``num_labels`` logits."""
+    """Pool ``n_mentions`` mentions, concatenate -> ``num_labels`` logits.
+
+    ``classifier``: ``linear`` (ours) is dropout -> one linear layer; ``original`` is the
+    original's ``dense`` (n_mentions*H -> H) -> dropout -> ``out_proj`` (H -> labels), with
+    no nonlinearity between the two layers (run_finetune_{openentity,figer,TACRED}_adapter.py).
+    """
 
     def __init__(self, hidden_size: int, num_labels: int, n_mentions: int, dropout: float,
-                 pooling: Literal["entity", "marker"]):
+                 pooling: Literal["entity", "marker"],
+                 classifier: Literal["linear", "original"] = "linear"):
         super().__init__()
         self.pooling = pooling
         self.n_mentions = n_mentions
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(n_mentions * hidden_size, num_labels)
+        self.classifier = classifier
+        if classifier == "original":
+            self.dense = nn.Linear(n_mentions * hidden_size, hidden_size)
+            self.out_proj = nn.Linear(hidden_size, num_labels)
+        elif classifier == "linear":
+            self.out = nn.Linear(n_mentions * hidden_size, num_labels)
+        else:
+            raise ValueError(f"classifier must be linear or original, got {classifier!r}")
 
     def forward(self, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pooled = [
@@ -350,7 +521,10 @@ class MentionHead(nn.Module):
                  self.pooling)
             for k in range(self.n_mentions)
         ]
-        return self.out(self.dropout(torch.cat(pooled, dim=-1)))
+        features = torch.cat(pooled, dim=-1)
+        if self.classifier == "original":
+            return self.out_proj(self.dropout(self.dense(features)))
+        return self.out(self.dropout(features))
 
 
 class ChoiceHead(nn.Module):
@@ -374,7 +548,8 @@ class Encoded:
     """A split ready for the model: one feature dict per example that fits, and the
     examples that could not be represented within ``max_length`` (counted, reported)."""
 
-    features: list[dict[str, Any]]
+    features: Sequence[dict[str, Any]]
+    """A list of feature dicts, or the feature cache's mapped features."""
     examples: list[Any]
     """The examples behind ``features``, same order."""
     too_long: list[Any]
@@ -392,6 +567,30 @@ class Task(ABC):
     """Upstream file names of train, dev, test inside the task's data directory."""
     reader: Callable[..., list[Any]]
     default_labels: list[str] | None = None
+    label_source: str = "labels are a field of each record"
+    """Where a split's labels come from (for the error when a labelled split has none)."""
+    other_layouts: tuple[tuple[str, str, str], ...] = ()
+    """Other upstream layouts (train, dev, test names), tried in order before ``files``:
+    a split's file is the first of these that exists in the data directory."""
+
+    def default_files(self, data_dir: str | Path) -> tuple[str, str, str]:
+        """Per split, the first layout's name that exists in ``data_dir`` (else ``files``')."""
+        layouts = [*self.other_layouts, self.files]
+        return tuple(next((layout[i] for layout in layouts if (Path(data_dir) / layout[i]).is_file()),
+                          self.files[i]) for i in range(3))
+
+    def check_labelled(self, examples: list[Any], path: Path, purpose: str) -> None:
+        """A split used to train on or select the model with must be labelled (the readers
+        of entity typing and TACRED already require labels)."""
+        unlabelled = sum(self.gold(e) is None for e in examples)
+        if unlabelled:
+            raise InputError(path, None, f"{unlabelled} of {len(examples)} records have no label, "
+                                         f"but this file is used to {purpose} ({self.label_source})")
+
+    def count_longer(self, examples: list[Any], tokenizer, max_length: int) -> int:
+        """Examples whose marked input is longer than ``max_length`` tokens (cut to a
+        window, or too long even for that); 0 for tasks without marked inputs."""
+        return 0
 
     @abstractmethod
     def label_space(self, examples: list[Any], configured: list[str] | None) -> list[str]:
@@ -402,7 +601,8 @@ class Task(ABC):
         raise NotImplementedError
 
     @abstractmethod
-    def head(self, hidden_size: int, num_labels: int, dropout: float, pooling: str) -> nn.Module:
+    def head(self, hidden_size: int, num_labels: int, dropout: float, pooling: str,
+             classifier: str = "linear") -> nn.Module:
         raise NotImplementedError
 
     @abstractmethod
@@ -442,8 +642,12 @@ class TypingTask(Task):
         targets = [[float(label in e.labels) for label in labels] for e in examples]  # multi-hot
         return _mention_split(examples, inputs, targets)
 
-    def head(self, hidden_size, num_labels, dropout, pooling):
-        return MentionHead(hidden_size, num_labels, 1, dropout, pooling)
+    def head(self, hidden_size, num_labels, dropout, pooling, classifier="linear"):
+        return MentionHead(hidden_size, num_labels, 1, dropout, pooling, classifier)
+
+    def count_longer(self, examples, tokenizer, max_length):
+        return _count_longer(tokenizer, [e.text for e in examples],
+                                [[(e.start, e.end, "@")] for e in examples], max_length)
 
     def loss(self, logits, targets):
         return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
@@ -452,10 +656,10 @@ class TypingTask(Task):
         return list(example.labels)
 
     def decode(self, logits, labels, example):
-        chosen = set((logits > 0).nonzero().flatten().tolist())
-        if self.always_argmax:
-            chosen.add(int(logits.argmax()))
-        return [labels[i] for i in sorted(chosen)]
+        chosen = logits > 0
+        if self.always_argmax:  # every type tied at the maximum, as the original
+            chosen |= logits == logits.max()
+        return [labels[i] for i in chosen.nonzero().flatten().tolist()]
 
     def fallback(self, labels, example):
         return []
@@ -479,8 +683,12 @@ class RelationTask(Task):
         inputs = encode_marked(tokenizer, list(texts), list(spans), max_length)
         return _mention_split(examples, inputs, [index[e.relation] for e in examples])
 
-    def head(self, hidden_size, num_labels, dropout, pooling):
-        return MentionHead(hidden_size, num_labels, 2, dropout, pooling)
+    def head(self, hidden_size, num_labels, dropout, pooling, classifier="linear"):
+        return MentionHead(hidden_size, num_labels, 2, dropout, pooling, classifier)
+
+    def count_longer(self, examples, tokenizer, max_length):
+        texts, spans = zip(*(relation_text(e) for e in examples)) if examples else ((), ())
+        return _count_longer(tokenizer, list(texts), list(spans), max_length)
 
     def loss(self, logits, targets):
         return F.cross_entropy(logits.float(), targets)
@@ -498,8 +706,10 @@ class RelationTask(Task):
 class ChoiceTask(Task):
     kind = "choice"
 
-    def __init__(self, name: str, files: tuple[str, str, str], reader):
+    def __init__(self, name: str, files: tuple[str, str, str], reader, label_source: str,
+                 other_layouts: tuple[tuple[str, str, str], ...] = ()):
         self.name, self.metric, self.files, self.reader = name, "accuracy", files, reader
+        self.label_source, self.other_layouts = label_source, other_layouts
 
     def label_space(self, examples, configured):
         return []  # the answer is a position among each example's own choices
@@ -529,8 +739,8 @@ class ChoiceTask(Task):
             cursor += n
         return encoded
 
-    def head(self, hidden_size, num_labels, dropout, pooling):
-        return ChoiceHead(hidden_size, dropout)
+    def head(self, hidden_size, num_labels, dropout, pooling, classifier="linear"):
+        return ChoiceHead(hidden_size, dropout)  # the original's head too: dropout -> linear
 
     def loss(self, logits, targets):
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
@@ -540,6 +750,13 @@ class ChoiceTask(Task):
 
     def decode(self, logits, labels, example):
         return example.choice_labels[int(logits.argmax())]
+
+
+def _count_longer(tokenizer, texts: list[str], spans: list[list[tuple[int, int, str]]],
+                  max_length: int) -> int:
+    """How many marked texts are longer than ``max_length`` tokens."""
+    whole = encode_marked(tokenizer, texts, spans, max_length=1 << 30)
+    return sum(item is not None and len(item.input_ids) > max_length for item in whole)
 
 
 def _mention_split(examples: list[Any], inputs: list[MarkedInput | None],
@@ -566,16 +783,23 @@ TASKS: dict[str, Task] = {
     "typing": TypingTask("typing", "openentity", always_argmax=False, default_labels=OPENENTITY_TYPES),
     "figer": TypingTask("figer", "figer", always_argmax=True, default_labels=None),
     "csqa": ChoiceTask("csqa", ("train_rand_split.jsonl", "dev_rand_split.jsonl",
-                                "test_rand_split_no_answers.jsonl"), read_csqa),
-    "cosmosqa": ChoiceTask("cosmosqa", ("train.jsonl", "valid.jsonl", "test.jsonl"), read_cosmosqa),
+                                "test_rand_split_no_answers.jsonl"), read_csqa,
+                       label_source="labels are each record's answerKey"),
+    # the release's CSV first, else the leaderboard's (or the original code's) JSONL
+    "cosmosqa": ChoiceTask("cosmosqa", ("train.jsonl", "valid.jsonl", "test.jsonl"), read_cosmosqa,
+                           label_source="labels are the CSV's label column, each JSONL record's "
+                                        "label, or the leaderboard layout's <name>-labels.lst beside it",
+                           other_layouts=(("train.csv", "valid.csv", "test.jsonl"),)),
     "tacred": RelationTask(),
 }
 
 
-def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(features: list[dict[str, Any]], pad_token_id: int,
+            num_labels: int | None = None) -> dict[str, torch.Tensor]:
     """Pad a list of features into a batch. A multiple-choice feature holds its choices'
     token ids back to back (``choice_lengths`` cuts them): the batch has (B*C, T)
-    input_ids and (B,) labels."""
+    input_ids and (B,) labels. A typing feature from the feature cache holds its
+    ``label_ids``: the (B, num_labels) multi-hot labels are built here, per batch."""
     if "choice_lengths" in features[0]:
         sequences = []
         for feature in features:
@@ -587,12 +811,20 @@ def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         attention_mask[row, : len(ids)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     for key in ("span_start", "span_end", "marker"):
         if key in features[0]:
-            batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
+            batch[key] = torch.as_tensor(np.asarray([f[key] for f in features]), dtype=torch.long)
+    if "label_ids" in features[0]:
+        if num_labels is None:
+            raise ValueError("typing features with label_ids need num_labels")
+        multi_hot = torch.zeros((len(features), num_labels))
+        for row, feature in enumerate(features):
+            multi_hot[row, torch.from_numpy(np.asarray(feature["label_ids"], dtype=np.int64))] = 1.0
+        batch["labels"] = multi_hot
+        return batch
     labels = [f["labels"] for f in features]
     batch["labels"] = torch.tensor(labels, dtype=torch.float if isinstance(labels[0], list) else torch.long)
     return batch

@@ -23,7 +23,14 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from kadapter.io import atomic_output_dir, atomic_write_json, fingerprint_of, read_json
+from kadapter.io import (
+    atomic_output_dir,
+    atomic_write_json,
+    fingerprint_of,
+    mark_output_dir,
+    ordinary_permissions,
+    read_json,
+)
 
 TINY_SPEC = {
     "vocab_size": 6000,
@@ -80,7 +87,9 @@ def ensure_tiny_model(out_dir: str | Path = "data/models/tiny-roberta",
         return out_dir
     with _lock(out_dir.parent / f".{out_dir.name}.lock"):
         if not _is_current(out_dir, stamp):  # another process may have built it meanwhile
-            with atomic_output_dir(out_dir) as tmp:
+            if (out_dir / STAMP_FILE).is_file():  # built before outputs were marked
+                mark_output_dir(out_dir, "tiny_model")
+            with atomic_output_dir(out_dir, stage="tiny_model") as tmp:
                 build_tiny_model(tmp, files)
                 atomic_write_json(tmp / STAMP_FILE, stamp)
     return out_dir
@@ -166,3 +175,6 @@ def build_tiny_model(out_dir: str | Path, files: list[Path]) -> None:
         torch.manual_seed(TINY_SPEC["seed"])
         model = RobertaForMaskedLM(config)
     model.save_pretrained(str(out_dir))
+    for path in out_dir.iterdir():  # transformers' safetensors are written 0600
+        if path.is_file():
+            ordinary_permissions(path)

@@ -37,6 +37,7 @@ reasons + candidates; candidates = dropped by each filter + examples.
 from __future__ import annotations
 
 import gc
+import hashlib
 import multiprocessing
 import re
 import shutil
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -63,6 +65,7 @@ WIKIDATA_PROPERTY = "http://www.wikidata.org/prop/direct/"
 # Reasons a triple is not a candidate, in the order they are checked.
 DROP_REASONS = (
     "missing_boundaries",  # subject or object has no character span (null boundaries)
+    "literal_argument",  # subject or object is a value (a date: "...^^xsd:dateTime"), not an entity
     "outside_sentence",  # a span is not inside the triple's sentence
     "overlapping_spans",
     "same_entity",
@@ -70,8 +73,9 @@ DROP_REASONS = (
     "duplicate",  # same document, sentence, spans, entities and predicate as a kept one
 )
 # Bad records (with on_error: skip they are counted under these reasons).
-BAD_TRIPLE_REASONS = ("malformed_triple", "bad_sentence_id", "boundaries_outside_text")
-BAD_DOCUMENT_REASONS = ("malformed_document", "bad_sentence_boundaries")
+BAD_TRIPLE_REASONS = ("malformed_triple", "bad_sentence_id", "boundaries_outside_text",
+                      "surfaceform_mismatch", "not_an_entity")
+BAD_DOCUMENT_REASONS = ("malformed_document", "bad_sentence_boundaries", "duplicate_docid")
 IN_SKIPPED_DOCUMENT = "in_skipped_document"  # triples of a document skipped as a whole
 
 SPILL_SCHEMA = pa.schema(
@@ -150,6 +154,17 @@ def _short_ids(uris: list[str]) -> pa.Array:
     column = pa.array(uris, pa.string())
     return pc.if_else(pc.starts_with(column, WIKIDATA_ENTITY),
                       pc.utf8_slice_codeunits(column, len(WIKIDATA_ENTITY)), column)
+
+
+_ENTITY_URI = re.compile(re.escape(WIKIDATA_ENTITY) + r"Q[1-9][0-9]*")
+
+
+def _argument_kind(uri: str) -> str:
+    """``entity`` (a Wikidata item URI), ``literal`` (T-REx's ``value^^datatype`` form for
+    dates and quantities) or ``bad`` (anything else)."""
+    if _ENTITY_URI.fullmatch(uri):
+        return "entity"
+    return "literal" if "^^http://www.w3.org/2001/XMLSchema#" in uri else "bad"
 
 
 def relation_id(uri: str) -> str:
@@ -232,6 +247,8 @@ class FileScan:
     stats: Counter  # documents, triples, drop and skip reasons, split sizes
     candidates: int
     error: tuple[str, str | None, str] | None = None  # (path, record, problem) when raising
+    docids: np.ndarray | None = None  # 64-bit hashes of the kept documents' docids
+    doc_indexes: np.ndarray | None = None  # their positions in the file
 
 
 # ``words_boundaries`` (a [start, end] pair for every word) is about half the parsing
@@ -262,11 +279,12 @@ def read_documents(path: str | Path) -> list:
 
 
 # Typed decoding: only the fields the stage reads become Python objects; msgspec skips
-# the rest (words_boundaries, surface forms, annotators...) without building them, 2-4x
-# less work than dicts of everything. A file whose structure or types differ anywhere
-# from these (a missing field, a float offset, a document that is not an object, invalid
-# JSON) is decoded again as plain dicts, where the checks below name the bad record:
-# both decodings give the same values, so the same bytes and counts come out.
+# the rest (words_boundaries, annotators...) without building them, 2-4x less work than
+# dicts of everything. A file whose structure or types differ anywhere from these (a
+# missing field, a float offset, a surface form that is not a string, a document that is
+# not an object, invalid JSON) is decoded again as plain dicts, where the checks below
+# name the bad record: both decodings give the same values, so the same bytes and counts
+# come out.
 class _Uri(msgspec.Struct, gc=False):
     uri: str
 
@@ -274,6 +292,7 @@ class _Uri(msgspec.Struct, gc=False):
 class _Argument(msgspec.Struct, gc=False):
     uri: str
     boundaries: tuple[int, int] | None
+    surfaceform: str | None = None  # checked against the text at ``boundaries``
 
 
 class _Triple(msgspec.Struct, gc=False):
@@ -303,6 +322,10 @@ def decode_documents(raw: bytes) -> list:
         return plain_documents(raw)
 
 
+def docid_hash(docid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(docid.encode(), digest_size=8).digest(), "big")
+
+
 # Field access, for typed and plain documents alike: the one place that reads a document.
 def _triple_list(doc: Any) -> list | None:
     if type(doc) is _Document:
@@ -311,23 +334,33 @@ def _triple_list(doc: Any) -> list | None:
     return triples if type(triples) is list else None
 
 
-def _document_fields(doc: Any) -> tuple[str, str, list[tuple[int, int]], list[str], list]:
-    """docid, text, sentence spans, entity mention URIs and triples; BadRecord if malformed."""
+def _docid(doc: Any) -> str:
+    """The document's docid; BadRecord if the document is malformed."""
     if type(doc) is _Document:
-        return (doc.docid, doc.text, _sentences(doc.text, doc.sentences_boundaries),
-                [mention.uri for mention in doc.entities], doc.triples)
+        return doc.docid
     _check_document(doc)
-    return (doc["docid"], doc["text"], _sentences(doc["text"], doc["sentences_boundaries"]),
+    return doc["docid"]
+
+
+def _document_fields(doc: Any) -> tuple[str, list[tuple[int, int]], list[str], list]:
+    """text, sentence spans, entity mention URIs and triples of a document that passed
+    ``_docid``; BadRecord if malformed."""
+    if type(doc) is _Document:
+        return (doc.text, _sentences(doc.text, doc.sentences_boundaries),
+                [mention.uri for mention in doc.entities], doc.triples)
+    return (doc["text"], _sentences(doc["text"], doc["sentences_boundaries"]),
             _entity_uris(doc), doc["triples"])
 
 
 def _triple_fields(triple: Any, text_length: int, sentence_count: int) -> tuple:
-    """predicate URI, subject URI, object URI, sentence_id, subject span, object span."""
+    """predicate URI, subject URI, object URI, sentence_id, subject span, object span,
+    subject surface form, object surface form (None when absent or not a string)."""
     if type(triple) is _Triple:  # types are checked by the decoder, ranges here
         subject, obj = triple.subject, triple.object
         predicate, subj_uri, obj_uri = triple.predicate.uri, subject.uri, obj.uri
         sentence_id = triple.sentence_id
         subj_span, obj_span = subject.boundaries, obj.boundaries
+        subj_form, obj_form = subject.surfaceform, obj.surfaceform
         for span in (subj_span, obj_span):
             if span is not None and not 0 <= span[0] < span[1] <= text_length:
                 _span(list(span), text_length)  # raises, with the plain path's message
@@ -343,40 +376,60 @@ def _triple_fields(triple: Any, text_length: int, sentence_count: int) -> tuple:
             raise BadRecord("malformed_triple", f"missing or wrong field {err}") from None
         if type(predicate) is not str or type(subj_uri) is not str or type(obj_uri) is not str:
             raise BadRecord("malformed_triple", "a 'uri' is not a string")
+        subj_form, obj_form = subject.get("surfaceform"), obj.get("surfaceform")
+        subj_form = subj_form if type(subj_form) is str else None
+        obj_form = obj_form if type(obj_form) is str else None
     if type(sentence_id) is not int or not 0 <= sentence_id < sentence_count:
         raise BadRecord(
             "bad_sentence_id",
             f"sentence_id {sentence_id!r} out of range ({sentence_count} sentences)",
         )
-    return predicate, subj_uri, obj_uri, sentence_id, subj_span, obj_span
+    return predicate, subj_uri, obj_uri, sentence_id, subj_span, obj_span, subj_form, obj_form
+
+
+def _check_argument(role: str, uri: str, kind: str, span: tuple[int, int] | None,
+                    form: str | None, text: str) -> None:
+    """BadRecord for an argument that is neither an entity nor a typed value, or whose
+    surface form is not the text at its span."""
+    if kind == "bad":
+        raise BadRecord("not_an_entity", f"{role} uri {uri!r} is "
+                        "neither a Wikidata entity nor a typed value")
+    if span is not None and form is not None and text[span[0]:span[1]] != form:
+        raise BadRecord("surfaceform_mismatch", f"{role} surfaceform {form!r} "
+                        f"is not the text at {list(span)} "
+                        f"({text[span[0]:span[1]]!r})")
 
 
 def scan_file(path: str, spill: str, seed: int, dev_fraction: float,
-              exclude: frozenset[str], on_error: str) -> FileScan:
+              exclude: frozenset[str], on_error: str,
+              skip_docids: frozenset[str] = frozenset()) -> FileScan:
     """Pass 1 on one file (local engine): ``scan_table``, its candidates written to ``spill``."""
-    scan, table = scan_table(path, seed, dev_fraction, exclude, on_error)
+    scan, table = scan_table(path, seed, dev_fraction, exclude, on_error, skip_docids)
     if table is not None:
         pq.write_table(table, spill, compression="zstd")
     return scan
 
 
 def scan_table(path: str, seed: int, dev_fraction: float, exclude: frozenset[str],
-               on_error: str) -> tuple[FileScan, pa.Table | None]:
+               on_error: str, skip_docids: frozenset[str] = frozenset()
+               ) -> tuple[FileScan, pa.Table | None]:
     """Pass 1 on one file: count entity mentions, collect its candidates (SPILL_SCHEMA,
-    sorted); the table is None when the file is skipped or an error is reported."""
+    sorted); the table is None when the file is skipped or an error is reported.
+    Documents whose docid is in ``skip_docids`` (already read from an earlier file) are
+    skipped as duplicates."""
     # Hundreds of thousands of small acyclic objects are built per file: the cycle
     # collector, triggered by allocations, would spend ~25% of the time finding nothing.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _scan_table(path, seed, dev_fraction, exclude, on_error)
+        return _scan_table(path, seed, dev_fraction, exclude, on_error, skip_docids)
     finally:
         if enabled:
             gc.enable()
 
 
 def _scan_table(path: str, seed: int, dev_fraction: float, exclude: frozenset[str],
-                on_error: str) -> tuple[FileScan, pa.Table | None]:
+                on_error: str, skip_docids: frozenset[str]) -> tuple[FileScan, pa.Table | None]:
     stats: Counter = Counter()
     entities: Counter = Counter()
 
@@ -393,16 +446,27 @@ def _scan_table(path: str, seed: int, dev_fraction: float, exclude: frozenset[st
         return fail(None, f"not valid JSON: {err}") or (FileScan(entities, stats, 0), None)
 
     relation_ids: dict[str, str] = {}  # predicate URI -> P-id, and excluded or not
+    kinds: dict[str, str] = {}  # argument URI -> _argument_kind
     rows: set[tuple] = set()
     texts: list[str] = []  # the text of each document, by index
     dropped: Counter = Counter()
-    missing = outside = overlapping = same = excluded = 0
+    missing = outside = overlapping = same = excluded = literal = 0
+    seen: dict[str, int] = {}  # docid -> index of its document in this file
     for index, doc in enumerate(documents):
         triples = _triple_list(doc)
         if triples is not None:
             stats["triples"] += len(triples)
         try:
-            docid, text, sentences, uris, triples = _document_fields(doc)
+            docid = _docid(doc)
+            if docid in seen:
+                raise BadRecord("duplicate_docid", f"docid {docid} is also document "
+                                f"{seen[docid]} of this file (its rows and entity "
+                                "counts would double)")
+            if docid in skip_docids:
+                raise BadRecord("duplicate_docid", f"docid {docid} is also in an "
+                                "earlier input file")
+            text, sentences, uris, triples = _document_fields(doc)
+            seen[docid] = index
         except BadRecord as bad:
             stats[f"skipped:{bad.reason}"] += 1
             texts.append("")
@@ -419,8 +483,13 @@ def _scan_table(path: str, seed: int, dev_fraction: float, exclude: frozenset[st
         text_length, sentence_count = len(text), len(sentences)
         for position, triple in enumerate(triples):
             try:
-                predicate, subj_uri, obj_uri, sentence_id, subj_span, obj_span = _triple_fields(
-                    triple, text_length, sentence_count)
+                (predicate, subj_uri, obj_uri, sentence_id, subj_span, obj_span,
+                 subj_form, obj_form) = _triple_fields(triple, text_length, sentence_count)
+                subj_kind = kinds.get(subj_uri) or kinds.setdefault(subj_uri,
+                                                                    _argument_kind(subj_uri))
+                obj_kind = kinds.get(obj_uri) or kinds.setdefault(obj_uri, _argument_kind(obj_uri))
+                _check_argument("subject", subj_uri, subj_kind, subj_span, subj_form, text)
+                _check_argument("object", obj_uri, obj_kind, obj_span, obj_form, text)
             except BadRecord as bad:
                 dropped[bad.reason] += 1
                 failure = fail(f"document {index} (docid {docid}), triple {position}", bad.problem)
@@ -429,6 +498,9 @@ def _scan_table(path: str, seed: int, dev_fraction: float, exclude: frozenset[st
                 continue
             if subj_span is None or obj_span is None:
                 missing += 1
+                continue
+            if subj_kind != "entity" or obj_kind != "entity":
+                literal += 1
                 continue
             sent_start, sent_end = sentences[sentence_id]
             (subj_start, subj_end), (obj_start, obj_end) = subj_span, obj_span
@@ -452,7 +524,7 @@ def _scan_table(path: str, seed: int, dev_fraction: float, exclude: frozenset[st
                       obj_start - sent_start, obj_end - sent_start, relation,
                       subj_uri, obj_uri, index, sent_end, dev))
     stats["documents"] = len(documents)
-    dropped.update(missing_boundaries=missing, outside_sentence=outside,
+    dropped.update(missing_boundaries=missing, literal_argument=literal, outside_sentence=outside,
                    overlapping_spans=overlapping, same_entity=same, excluded_relation=excluded)
     candidates = stats["triples"] - sum(dropped.values())
     dropped["duplicate"] = candidates - len(rows)
@@ -479,7 +551,10 @@ def _scan_table(path: str, seed: int, dev_fraction: float, exclude: frozenset[st
     short_counts: Counter = Counter()
     for uri, count in entities.items():
         short_counts[short_id(uri)] += count
-    return FileScan(short_counts, stats, len(ordered)), table
+    kept = sorted(seen.items(), key=lambda item: item[1])
+    return FileScan(short_counts, stats, len(ordered),
+                    docids=np.array([docid_hash(d) for d, _ in kept], dtype=np.uint64),
+                    doc_indexes=np.array([i for _, i in kept], dtype=np.int64)), table
 
 
 def _scan_job(job: tuple) -> FileScan:
@@ -521,6 +596,58 @@ def label_and_split(table: pa.Table, kept_relations: pa.Array) -> list[tuple[str
     return parts
 
 
+def _docids_of(scan: FileScan) -> tuple[np.ndarray, np.ndarray]:
+    """A scan's docid hashes and document positions (none for a file skipped as invalid JSON)."""
+    if scan.docids is None:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    return scan.docids, scan.doc_indexes
+
+
+def repeated_docids(paths: list, docids: list[tuple[np.ndarray, np.ndarray]]
+                    ) -> dict[tuple[str, int, str], str]:
+    """``{(later file, document index, docid): first file}`` for each docid kept in more
+    than one file (by 64-bit hash, confirmed on the documents' docids)."""
+    hashes = [h for h, _ in docids]
+    if sum(len(h) for h in hashes) == 0:
+        return {}
+    flat = np.concatenate(hashes)
+    files = np.repeat(np.arange(len(hashes)), [len(h) for h in hashes])
+    positions = np.concatenate([np.arange(len(h)) for h in hashes])
+    order = np.argsort(flat, kind="stable")  # stable: the earliest file comes first
+    ordered = flat[order]
+    later = np.flatnonzero(ordered[1:] == ordered[:-1]) + 1
+    found: dict[tuple[str, int, str], str] = {}
+    cache: dict[int, list] = {}
+
+    def docid_at(file: int, position: int) -> str:
+        documents = cache.get(file)
+        if documents is None:
+            documents = cache[file] = decode_documents(read_bytes(paths[file]))
+        return _docid(documents[int(docids[file][1][position])])
+
+    for k in later:
+        file, position = int(files[order[k]]), int(positions[order[k]])
+        first_k = int(np.searchsorted(ordered, ordered[k]))
+        first = int(files[order[first_k]])
+        if file == first:
+            continue  # a repeat inside one file is caught by its scan
+        docid = docid_at(file, position)
+        if docid != docid_at(first, int(positions[order[first_k]])):
+            continue  # a hash collision, not a repeat
+        found[(str(paths[file]), int(docids[file][1][position]), docid)] = str(paths[first])
+    return found
+
+
+def _with_repeats(skips: dict[int, frozenset[str]], repeated: dict, paths: list
+                  ) -> dict[int, frozenset[str]]:
+    """The docids each file skips on the next pass 1: those before, plus ``repeated``."""
+    more: dict[int, set[str]] = {k: set(v) for k, v in skips.items()}
+    index_of = {str(p): i for i, p in enumerate(paths)}
+    for path, _, docid in repeated:
+        more.setdefault(index_of[path], set()).add(docid)
+    return {k: frozenset(v) for k, v in more.items()}
+
+
 class LocalTrex:
     """The local engine: a process pool for pass 1, spill files for the candidates."""
 
@@ -528,20 +655,27 @@ class LocalTrex:
         self.paths, self.config, self.seed, self.progress = paths, config, seed, progress
         self.spill_dir = out / ".spill"
         self.spill_dir.mkdir()
-        self.spills = [str(self.spill_dir / f"{i:06d}.parquet") for i in range(len(paths))]
-        self.entity_counts: Counter = Counter()
+        self.all_spills = [str(self.spill_dir / f"{i:06d}.parquet") for i in range(len(paths))]
+        self.spills: list[str] = []
 
-    def scan(self) -> tuple[Counter, int]:
-        """Pass 1: parse every file (in parallel), count mentions, spill candidates."""
-        from tqdm import tqdm
+    def scan(self, skips: dict[int, frozenset[str]]
+             ) -> tuple[Counter, int, list[tuple[np.ndarray, np.ndarray]]]:
+        """Pass 1: parse every file (in parallel), count mentions, spill candidates; the
+        documents of file i whose docid is in ``skips[i]`` are skipped as duplicates.
+        Returns stats, candidates and each file's docid hashes (``repeated_docids``)."""
+        from kadapter.progress import progress as progress_bar
 
         config = self.config
         exclude = frozenset(config.exclude_relations)
-        jobs = [(str(p), s, self.seed, config.dev_fraction, exclude, config.on_error)
-                for p, s in zip(self.paths, self.spills)]
+        jobs = [(str(p), s, self.seed, config.dev_fraction, exclude, config.on_error,
+                 skips.get(i, frozenset()))
+                for i, (p, s) in enumerate(zip(self.paths, self.all_spills))]
+        self.entity_counts: Counter = Counter()
         stats: Counter = Counter()
         candidates = 0
-        bar = tqdm(total=len(jobs), desc="T-REx files", unit="file", disable=not self.progress)
+        docids = []
+        bar = progress_bar(total=len(jobs), desc="T-REx files", unit="file",
+                           disable=not self.progress)
         if config.workers > 1 and len(jobs) > 1:
             pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(jobs)))
             scans = pool.imap(_scan_job, jobs)
@@ -554,13 +688,16 @@ class LocalTrex:
                 self.entity_counts.update(scan.entity_counts)
                 stats.update(scan.stats)
                 candidates += scan.candidates
+                docids.append(_docids_of(scan))
                 bar.update()
         finally:
             bar.close()
             if pool is not None:
                 pool.terminate()  # every result is in (or an error stops the run)
-        self.spills = [spill for spill in self.spills if Path(spill).exists()]  # minus invalid files
-        return stats, candidates
+        # minus invalid files
+        self.spills = [spill for spill in self.all_spills if Path(spill).exists()]
+        return stats, candidates, docids
+
 
     def entity_totals(self, min_count: int) -> tuple[int, int, pa.Array]:
         """Mentions, distinct entities, and the sorted kept entities."""
@@ -594,7 +731,7 @@ def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
     """Run the whole stage; returns the manifest (also written to ``output_dir``)."""
     paths = expand_any(config.input, suffixes=(".json",))
     started = time.perf_counter()
-    with output_dir_any(output_dir) as out:
+    with output_dir_any(output_dir, stage="data_trex") as out:
         if config.engine == "ray":
             from kadapter.ray_engine import RayTrex
 
@@ -602,7 +739,20 @@ def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
         else:
             engine = LocalTrex(paths, config, seed, out, progress)
         try:
-            stats, candidates = engine.scan()
+            # Pass 1. A docid met again in a later file is an error, or (skip) a second
+            # pass 1 skips it there.
+            skips: dict[int, frozenset[str]] = {}
+            while True:
+                stats, candidates, docids = engine.scan(skips)
+                repeated = repeated_docids(paths, docids)
+                if not repeated:
+                    break
+                if config.on_error == "raise":
+                    (path, index, docid), first = next(iter(repeated.items()))
+                    raise InputError(path, f"document {index} (docid {docid})",
+                                     f"docid also in {first}: its rows and entity counts "
+                                     "would double")
+                skips = _with_repeats(skips, repeated, paths)
             mentions, distinct_entities, kept_entities = engine.entity_totals(
                 config.min_entity_count)
             after_entity_filter, pair_counts = engine.filter_entities(kept_entities)

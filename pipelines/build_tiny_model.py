@@ -8,7 +8,8 @@ Writes a Hugging Face model directory at ``model.tiny_dir`` (see kadapter/tiny.p
 from __future__ import annotations
 
 from kadapter.config import Config
-from pipelines.common import run_stage
+
+from .common import run_stage
 
 
 def main(config: Config) -> None:

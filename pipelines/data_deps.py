@@ -19,7 +19,8 @@ GPUs (--workers = number of GPUs, one process each).
 from __future__ import annotations
 
 from kadapter.config import Config
-from pipelines.common import run_stage
+
+from .common import run_stage
 
 
 def main(config: Config) -> None:

@@ -20,7 +20,8 @@ See kadapter/trex.py for the exact rules.
 from __future__ import annotations
 
 from kadapter.config import Config
-from pipelines.common import run_stage
+
+from .common import run_stage
 
 
 def main(config: Config) -> None:

@@ -17,12 +17,13 @@ Steps (sizes for the paper preset: roberta-large, LAMA's full release, WikiText-
    variant's head on the mask position, candidates ranked;
 6. outputs, written into a temporary directory renamed over ``lama.output_dir`` at the end:
 
-    results.json               subset -> variant -> P@1, P@10, MRR@10, facts kept and
+    results.json               subset -> variant -> P@1, P@10, MRR, MRR@10, facts kept and
                                dropped, per relation; "facts": per-subset accounting
     results.md                 the paper-style table (rows subsets, columns variants)
     p_at_1.png                 per-relation P@1, encoder vs K-Adapter, one panel per subset
     <subset>/<variant>/predictions.jsonl   one row per kept fact: subset, relation,
-                               sub_label, obj_label, query, top10, rank (null beyond 10)
+                               sub_label, obj_label, query, top10, rank (1-based, among
+                               all candidates)
     <subset>/dropped.jsonl     one row per dropped fact with its reason (the same for every
                                variant: all share the encoder's tokenizer)
     mlm_head/                  mix.safetensors, metrics.jsonl, curves.png (when trained)
@@ -39,18 +40,20 @@ from pathlib import Path
 from typing import Any
 
 from kadapter.config import Config, to_plain
-from pipelines.common import run_stage
+
+from .common import run_stage
 
 
 def main(config: Config) -> dict[str, Any]:
     import orjson
     import torch
-    from safetensors.torch import save_file
 
     from kadapter import lama
+    from kadapter.hub import resolve_adapter
     from kadapter.io import (
         InputError,
         atomic_output_dir,
+        atomic_save_safetensors,
         atomic_write_bytes,
         atomic_write_json,
         expand_inputs,
@@ -62,6 +65,7 @@ def main(config: Config) -> dict[str, Any]:
         ADAPTER_WEIGHTS_FILE,
         AdapterLoadError,
         KAdapterModel,
+        ModelNotAvailable,
         encoder_dtype,
         load_adapter,
         load_encoder,
@@ -69,7 +73,7 @@ def main(config: Config) -> dict[str, Any]:
         max_sequence_length,
         resolve_model_path,
     )
-    from kadapter.training import make_accelerator, train
+    from kadapter.training import batch_plan, make_accelerator, precision_of, read_metrics, train
 
     cfg: lama.LamaConfig = config.lama
     started = time.perf_counter()
@@ -83,17 +87,20 @@ def main(config: Config) -> dict[str, Any]:
     # ---- 1. encoder + LM head + adapters, frozen, on the device
     accelerator = make_accelerator(cfg.mlm_head)
     device = accelerator.device
+    if cfg.train_mlm_head:  # a batch that cannot split fails before any model is loaded
+        batch_plan(cfg.mlm_head, accelerator.num_processes, "lama.mlm_head.batch_size")
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    masked_lm = load_encoder(model_path, masked_lm=True, dtype=encoder_dtype(config.model, device))
+    masked_lm = load_encoder(model_path, masked_lm=True,
+                             dtype=encoder_dtype(config.model, device, accelerator.mixed_precision))
     encoder, lm_head = lama.split_masked_lm(masked_lm)
     hidden = encoder.config.hidden_size
 
-    adapter_dirs = {"fac": Path(cfg.fac_adapter), "lin": Path(cfg.lin_adapter)}
+    adapter_dirs = {"fac": cfg.fac_adapter, "lin": cfg.lin_adapter}
     needed = sorted({name for v in cfg.variants for name in lama.adapter_names(v)})
     adapters, adapter_inputs = {}, {}
     for name in needed:
-        directory = adapter_dirs[name]
+        directory = resolve_adapter(adapter_dirs[name])
         if not (directory / ADAPTER_CONFIG_FILE).is_file():
             raise FileNotFoundError(
                 f"the {name} adapter for variant(s) "
@@ -136,14 +143,28 @@ def main(config: Config) -> dict[str, Any]:
         sources["trex"], template_only = lama.read_trex(lama_dir)
         input_files += [lama_dir / "relations.jsonl"]
         input_files += [lama_dir / "TREx" / f"{r.name}.jsonl" for r in sources["trex"]]
+    empty = {name: lama.empty_relations(relations) for name, relations in sources.items()}
+    for name, relations in sources.items():
+        if empty[name]:
+            print(f"{name}: not probed, empty facts file: {', '.join(empty[name])}")
+        sources[name] = [r for r in relations if r.facts]
 
     person_filter = None
-    person_note = "skipped (no bert_model configured)"
+    person_run = {"ran": False, "bert_model": cfg.bert_model, "top_k": cfg.person_name_top_k}
     if cfg.bert_model and any(s.startswith("uhn_") for s in cfg.subsets):
-        person_filter = lama.PersonNameFilter(
-            load_encoder(cfg.bert_model, masked_lm=True), load_tokenizer(cfg.bert_model),
-            top_k=cfg.person_name_top_k, batch_size=cfg.batch_size, device=device)
-        person_note = f"applied with {cfg.bert_model}, top {cfg.person_name_top_k}"
+        try:
+            bert = load_encoder(cfg.bert_model, masked_lm=True)
+            bert_tokenizer = load_tokenizer(cfg.bert_model)
+        except ModelNotAvailable:
+            raise ModelNotAvailable(
+                f"lama.bert_model {cfg.bert_model!r} (LAMA-UHN's person-name filter) is not "
+                "available: not a local model directory, and the Hugging Face hub could not "
+                "provide it. Download it (e.g. `huggingface-cli download bert-base-cased --local-dir /path/to/bert-base-cased`) "
+                "and set --lama.bert_model /path/to/bert-base-cased, or set --lama.bert_model null "
+                "to run without the filter (the UHN subsets are then larger than LAMA-UHN's)") from None
+        person_filter = lama.PersonNameFilter(bert, bert_tokenizer, top_k=cfg.person_name_top_k,
+                                              batch_size=cfg.batch_size, device=device)
+        person_run["ran"] = True
 
     queries: dict[str, list[lama.Query]] = {}
     dropped: dict[str, list[dict[str, Any]]] = {}
@@ -162,13 +183,14 @@ def main(config: Config) -> dict[str, Any]:
             "read": sum(len(r.facts) for r in relations), "kept": len(queries[subset]),
             "dropped": len(dropped[subset]), "dropped_by_reason": lama.count_reasons(dropped[subset]),
             "per_relation": per_relation}
+        facts_summary[subset]["relations_with_empty_facts_file"] = empty[subset.removeprefix("uhn_")]
         if subset.endswith("trex"):
             facts_summary[subset]["relations_without_facts_file"] = template_only
         print(f"{subset}: {facts_summary[subset]['read']} facts -> {len(queries[subset])} kept; "
               f"dropped {facts_summary[subset]['dropped_by_reason']}")
     clock = lap("build_queries", clock)
 
-    with atomic_output_dir(cfg.output_dir) as out:
+    with atomic_output_dir(cfg.output_dir, stage="eval_lama") as out:
         # ---- 4. K-Adapter variants: train the MLM mix (encoder, adapters, LM head frozen)
         mixes = lama.VariantMixes(cfg.variants, hidden).to(device)
         head_cfg = cfg.mlm_head
@@ -181,23 +203,26 @@ def main(config: Config) -> dict[str, Any]:
             if head_cfg.dev_text:
                 dev_files = expand_inputs(head_cfg.dev_text)
                 text_files += dev_files
-                dev_blocks = lama.text_blocks(dev_files, tokenizer, head_cfg.max_length)
+                dev_blocks = lama.masked_once(
+                    lama.text_blocks(dev_files, tokenizer, head_cfg.max_length), tokenizer,
+                    head_cfg.mask_probability, config.seed + 1)
             print(f"MLM mix: {len(train_blocks)} training blocks of <= {head_cfg.max_length} "
                   f"tokens from {len(text_files)} file(s); variants {sorted(mixes.mixes)}")
 
             def frozen_forward(frozen: KAdapterModel, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
                 # features of the masked positions only: the heads never need the others
                 out_ = frozen(batch["input_ids"], batch["attention_mask"])
-                chosen = batch["labels"] != -100
-                return {"last": out_.last_hidden_state[chosen],
-                        "adapters": {n: o[chosen] for n, o in out_.adapter_outputs.items()},
-                        "labels": batch["labels"][chosen], "rows": chosen.nonzero()[:, 0]}
+                rows, cols = batch["masked_rows"], batch["masked_cols"]  # from the collator
+                return {"last": out_.last_hidden_state[rows, cols],
+                        "adapters": {n: o[rows, cols] for n, o in out_.adapter_outputs.items()},
+                        "labels": batch["labels"][rows, cols], "rows": rows}
 
             def loss_fn(trained: lama.VariantMixes, batch: dict[str, torch.Tensor],
                         features: dict[str, Any]) -> torch.Tensor:
                 # the mixes are disjoint, so the summed loss trains each on its own loss
                 mixed = trained(features["last"], features["adapters"])
-                return sum(torch.nn.functional.cross_entropy(lm_head(m).float(), features["labels"])
+                return sum(torch.nn.functional.cross_entropy(lama.lm_logits(lm_head, m).float(),
+                                                             features["labels"])
                            for m in mixed.values())
 
             def predict_fn(trained: lama.VariantMixes, batch: dict[str, torch.Tensor],
@@ -212,12 +237,17 @@ def main(config: Config) -> dict[str, Any]:
                 collate=lama.MaskingCollator(tokenizer, head_cfg.mask_probability, config.seed),
                 loss_fn=loss_fn, predict_fn=predict_fn, metrics_fn=lama.dev_losses,
                 frozen=model, frozen_forward=frozen_forward, output_dir=out / "mlm_head",
-                seed=config.seed, accelerator=accelerator, description="LAMA MLM mix")
+                seed=config.seed, accelerator=accelerator, description="LAMA MLM mix",
+                batch_key="lama.mlm_head.batch_size")
             mixes = result.model.eval()
+            # per-variant curves (the loop's own plot shows the loss summed over the variants)
+            lama.plot_mlm_curves(read_metrics(out / "mlm_head"), out / "mlm_head" / "curves.png")
             shutil.rmtree(out / "mlm_head" / "checkpoints", ignore_errors=True)  # weights below
-            save_file({k: v.detach().cpu().contiguous() for k, v in mixes.state_dict().items()},
-                      str(out / "mlm_head" / "mix.safetensors"))
+            atomic_save_safetensors({k: v.detach().cpu().contiguous() for k, v in mixes.state_dict().items()},
+                                    out / "mlm_head" / "mix.safetensors")
             mlm_report = {"trained": True, "steps": result.global_step,
+                          "batch": {**result.batch.to_dict(),
+                                    "examples_left_per_epoch": result.examples_left_per_epoch},
                           "train_blocks": len(train_blocks),
                           "dev_blocks": len(dev_blocks) if dev_blocks else 0,
                           "dev_mlm_loss": result.dev_metrics}
@@ -229,18 +259,20 @@ def main(config: Config) -> dict[str, Any]:
 
         # ---- 5. score every query with every variant
         everything = [q for subset in queries for q in queries[subset]]
-        scored = lama.score_queries(
-            model, lm_head, mixes, cfg.variants, everything, vocabulary.candidate_ids,
-            batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, device=device)
+        with accelerator.autocast():  # the precision of lama.mlm_head.bf16, as in training
+            scored = lama.score_queries(
+                model, lm_head, mixes, cfg.variants, everything, vocabulary.candidate_ids,
+                batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, device=device)
         clock = lap("score", clock)
 
         # ---- 6. predictions, dropped facts, results, plot, manifest
         results: dict[str, Any] = {
             "preset": config.preset, "model": model_path, "variants": list(cfg.variants),
             "metrics": "p@1, p@10: share of facts whose object ranks 1st / in the top 10 of "
-                       "the common-vocabulary candidates; mrr@10: mean reciprocal rank, 0 beyond "
-                       "rank 10; a subset's value is the mean over its relations",
-            "person_name_filter": person_note, "subsets": {}, "facts": facts_summary}
+                       "the common-vocabulary candidates; mrr: LAMA's mean reciprocal rank over "
+                       f"the ranking (0 beyond rank {lama.MRR_DEPTH}); mrr@10: mean reciprocal "
+                       "rank, 0 beyond rank 10; a subset's value is the mean over its relations",
+            "person_name_filter": person_run, "subsets": {}, "facts": facts_summary}
         position = 0
         for subset, subset_queries in queries.items():
             indices = range(position, position + len(subset_queries))
@@ -256,7 +288,7 @@ def main(config: Config) -> dict[str, Any]:
                                  "sub_label": query.sub_label, "obj_label": query.obj_label,
                                  "query": query.text,
                                  "top10": [vocabulary.decoded[i] for i in top_ids],
-                                 "rank": rank if rank <= lama.TOP_K else None})
+                                 "rank": rank})
                 atomic_write_bytes(out / subset / variant / "predictions.jsonl",
                                    b"".join(orjson.dumps(row) + b"\n" for row in rows))
                 summary = lama.summarise(rows)
@@ -265,7 +297,7 @@ def main(config: Config) -> dict[str, Any]:
         results["mlm_head"] = mlm_report
         atomic_write_json(out / "results.json", results)
         atomic_write_bytes(out / "results.md", lama.results_markdown(results).encode())
-        lama.plot_per_relation(results, out / "p_at_1.png")
+        lama.plot_per_relation(results, out / "p_at_1.png", lama.relation_labels(cfg.lama_dir))
         lap("write", clock)
         timings["total"] = round(time.perf_counter() - started, 3)
         atomic_write_json(out / "manifest.json", {
@@ -275,7 +307,9 @@ def main(config: Config) -> dict[str, Any]:
                        "model": model_path, "adapters": adapter_inputs,
                        "bert_model": cfg.bert_model},
             "parameters": {"seed": config.seed, "lama": to_plain(cfg), "model": to_plain(config.model),
-                           "device": str(device), "max_query_length": max_length},
+                           "device": str(device), "max_query_length": max_length,
+                           "precision": precision_of(cfg.mlm_head).to_dict(),
+                           "mlm_head_batch": mlm_report.get("batch")},
             "counts": {"common_vocab_words": len(vocabulary.words),
                        "candidates": len(vocabulary.candidate_ids),
                        "common_words_not_single_token": len(vocabulary.not_single_token),

@@ -17,7 +17,8 @@ training curves and the selected weights (kadapter/finetune.py has the details).
 from __future__ import annotations
 
 from kadapter.config import Config
-from pipelines.common import run_stage
+
+from .common import run_stage
 
 
 def main(config: Config) -> None:

@@ -14,11 +14,17 @@ Then it reads the metrics.json of every run found under finetune.output_dir and 
 finetune.results (results.md): rows encoder, +F, +L, +F+L; columns each task's metrics on test (on dev where the test file
 is unlabelled, as CommonsenseQA's and CosmosQA's are), the same on dev, and the paper's
 figures for reference; plus results.png, the main metric per task and variant.
+
+With ``finetune.seeds: [1, 2, 3]`` every run is repeated per seed, each seed in its own
+tree ``<output_dir>/seed-<n>/<task>/<variant>/``, and every cell of results.md and bar of
+results.png is the mean ± standard deviation (sample, n - 1) over the seeds found.
 """
 
 from __future__ import annotations
 
+import copy
 import shlex
+import statistics
 import subprocess
 import sys
 from itertools import product
@@ -29,7 +35,8 @@ import yaml
 
 from kadapter.config import Config
 from kadapter.io import atomic_write_bytes, read_json
-from pipelines.common import run_stage
+
+from .common import run_stage
 
 TASK_TITLES = {"typing": "OpenEntity", "figer": "FIGER", "tacred": "TACRED",
                "csqa": "CommonsenseQA", "cosmosqa": "CosmosQA"}
@@ -42,6 +49,10 @@ COLUMNS = {
     "csqa": [("accuracy", "acc")],
     "cosmosqa": [("accuracy", "acc")],
 }
+# Readable names of the metric keys, for the chart.
+METRIC_NAMES = {"f1": "F1", "precision": "precision", "recall": "recall", "accuracy": "accuracy",
+                "strict_accuracy": "strict accuracy", "loose_macro_f1": "loose macro F1",
+                "loose_micro_f1": "loose micro F1"}
 # Wang et al. 2021 (RoBERTa-large / K-Adapter F+L), as in KADAPTER.md section 4.
 PAPER = {
     "typing": {"f1": (76.23, 77.61)},
@@ -50,6 +61,20 @@ PAPER = {
     "tacred": {"f1": (71.25, 72.04)},
     "cosmosqa": {"accuracy": (80.59, 81.83)},
 }
+
+
+def seed_configs(config: Config) -> list[Config]:
+    """One config per seed of ``finetune.seeds`` (its own output tree), or the config itself."""
+    if config.finetune.seeds is None:
+        return [config]
+    configs = []
+    for seed in config.finetune.seeds:
+        seeded = copy.deepcopy(config)
+        seeded.seed = seed
+        seeded.finetune.output_dir = str(Path(config.finetune.output_dir) / f"seed-{seed}")
+        seeded.finetune.seeds = None
+        configs.append(seeded)
+    return configs
 
 
 def main(config: Config) -> None:
@@ -66,30 +91,35 @@ def main(config: Config) -> None:
 
     settings = config.finetune
     variants = [canonical_variant(v) for v in settings.variants]
-    resolved = Path(settings.output_dir) / "config.yaml"
-    if settings.launcher:  # the children read exactly this run's resolved configuration
-        atomic_write_bytes(resolved, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
-    for task in settings.tasks:
-        for variant in variants:
-            manifest = run_dir(config, task, variant) / "manifest.json"
-            if manifest.is_file() and read_json(manifest).get("fingerprint") == run_fingerprint(
-                    config, task, variant):
-                print(f"{task} {VARIANTS[variant][1]}: up to date ({manifest.parent})")
-                continue
-            if settings.launcher:
-                command = [*shlex.split(settings.launcher), "-m", "pipelines.finetune", "--config",
-                           str(resolved), "--task", task, "--adapters", variant]
-                print("$ " + shlex.join(command), flush=True)
-                if subprocess.run(command).returncode != 0:
-                    sys.exit(f"error: fine-tuning {task} with adapters {variant} failed")
-            else:
-                run_finetune(config, task, variant)
+    for seeded in seed_configs(config):
+        resolved = Path(seeded.finetune.output_dir) / "config.yaml"
+        if settings.launcher:  # the children read exactly this run's resolved configuration
+            atomic_write_bytes(resolved, yaml.safe_dump(seeded.to_dict(), sort_keys=False).encode())
+        seed_label = f" seed {seeded.seed}" if settings.seeds else ""
+        for task in settings.tasks:
+            for variant in variants:
+                manifest = run_dir(seeded, task, variant) / "manifest.json"
+                if manifest.is_file() and read_json(manifest).get("fingerprint") == run_fingerprint(
+                        seeded, task, variant):
+                    print(f"{task} {VARIANTS[variant][1]}{seed_label}: up to date ({manifest.parent})")
+                    continue
+                if settings.launcher:
+                    command = [*shlex.split(settings.launcher), "-m", f"{__package__}.finetune",
+                               "--config", str(resolved), "--task", task, "--adapters", variant]
+                    print("$ " + shlex.join(command), flush=True)
+                    if subprocess.run(command).returncode != 0:
+                        sys.exit(f"error: fine-tuning {task} with adapters {variant}{seed_label} failed")
+                else:
+                    run_finetune(seeded, task, variant)
     # The table covers every task and variant, run now or before (missing ones show as –),
     # so running one task (make finetune-tacred) never drops the others from it.
     all_tasks, all_variants = list(TASKS), list(VARIANTS)
-    runs = {(task, variant): read_json(run_dir(config, task, variant) / "metrics.json")
-            for task in all_tasks for variant in all_variants
-            if (run_dir(config, task, variant) / "metrics.json").is_file()}
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for seeded in seed_configs(config):
+        for task, variant in product(all_tasks, all_variants):
+            path = run_dir(seeded, task, variant) / "metrics.json"
+            if path.is_file():
+                runs.setdefault((task, variant), []).append({**read_json(path), "seed": seeded.seed})
     baselines = {}
     for task in {task for task, _ in runs}:
         task_settings = getattr(settings, task)
@@ -99,18 +129,38 @@ def main(config: Config) -> None:
     results = Path(settings.results)
     atomic_write_bytes(results, results_markdown(runs, all_tasks, all_variants, config.preset,
                                                  baselines).encode())
-    plot_results(runs, all_tasks, all_variants, results.with_suffix(".png"))
+    plot_results(runs, all_tasks, all_variants, results.with_suffix(".png"), config.preset,
+                 baselines)
     print(f"wrote {results} and {results.with_suffix('.png')}")
 
 
-def reported_split(runs: dict[tuple[str, str], dict], task: str) -> str:
+RunsBySeed = dict[tuple[str, str], list[dict]]
+
+
+def _by_seed(runs: dict[tuple[str, str], Any]) -> RunsBySeed:
+    """Accept one metrics dict per run or a list of them (one per seed)."""
+    return {key: value if isinstance(value, list) else [value] for key, value in runs.items()}
+
+
+def reported_split(runs: RunsBySeed, task: str) -> str:
     """``test`` when every run of the task has a labelled test file, else ``dev``."""
-    task_runs = [m for (t, _), m in runs.items() if t == task]
+    task_runs = [m for (t, _), seeds in _by_seed(runs).items() if t == task for m in seeds]
     return "test" if task_runs and all(m["test"]["labelled"] for m in task_runs) else "dev"
 
 
-def _cell(metrics: dict[str, Any] | None, key: str) -> str:
-    return f"{100 * metrics[key]:.2f}" if metrics and key in metrics else "–"
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _cell(metrics: list[dict] | dict | None, key: str) -> str:
+    """Percent, ``mean ± std`` over the seeds when there are several."""
+    seeds = metrics if isinstance(metrics, list) else [metrics] if metrics else []
+    values = [100 * m[key] for m in seeds if m and key in m]
+    if not values:
+        return "–"
+    mean, std = mean_std(values)
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
 def _table(rows: list[tuple[str, list[str]]], header: list[str]) -> list[str]:
@@ -119,45 +169,78 @@ def _table(rows: list[tuple[str, list[str]]], header: list[str]) -> list[str]:
     return lines
 
 
-def results_markdown(runs: dict[tuple[str, str], dict], tasks: list[str], variants: list[str],
+# The majority baseline's TACRED precision: it predicts no_relation everywhere, so it has no
+# positive prediction and precision is 0/0, scored 100 (TACRED's scorer convention).
+NOTHING_PREDICTED = "†"
+
+
+def _baseline_cell(baseline: dict | None, task: str, key: str) -> str:
+    cell = _cell(baseline, key)
+    if (task == "tacred" and key == "precision" and baseline
+            and baseline.get("recall") == 0 and baseline.get("precision") == 1.0):
+        return f"{cell} {NOTHING_PREDICTED}"
+    return cell
+
+
+def results_markdown(runs: dict[tuple[str, str], Any], tasks: list[str], variants: list[str],
                      preset: str, baselines: dict[str, dict[str, dict]] | None = None) -> str:
     """The paper-shaped tables (percentages) of every run found, with the majority-label
-    baseline of each task (``baselines[task][split]``) as the first row."""
+    baseline of each task (``baselines[task][split]``) as the first row. ``runs`` maps
+    (task, variant) to a metrics dict, or to a list of them, one per seed."""
     baselines = baselines or {}
+    runs = _by_seed(runs)
     from kadapter.finetune import VARIANTS
 
     header = ["model"] + [f"{TASK_TITLES[t]} {title}" for t in tasks for _, title in COLUMNS[t]]
     splits = {task: reported_split(runs, task) for task in tasks}
+    seeds = sorted({m.get("seed") for seeds in runs.values() for m in seeds} - {None})
     lines = [f"# Fine-tuning results, preset `{preset}`", "",
              "Percentages. Model selection on dev only; the selected checkpoint is evaluated once.",
              "majority (train): every example gets the most frequent training label (type set,",
              "relation, answer position), the score a model must beat.",
              "Reported split per task: " + ", ".join(f"{TASK_TITLES[t]} {splits[t]}" for t in tasks)
-             + " (dev where the test file is unlabelled).", ""]
+             + " (dev where the test file is unlabelled)."]
+    if len(seeds) > 1:
+        lines.append(f"Each cell: mean ± standard deviation over seeds {', '.join(map(str, seeds))} "
+                     "(every seed's run has its own directory, seed-<n>/).")
+    lines.append("")
+    footnote = False
     for title, split_of in (("", splits), ("## Dev", dict.fromkeys(tasks, "dev"))):
         if title:
             lines += ["", title, ""]
-        rows = [("majority (train)", [_cell(baselines.get(t, {}).get(split_of[t]), key)
-                                      for t in tasks for key, _ in COLUMNS[t]])]
-        rows += [(VARIANTS[v][1], [_cell(runs.get((t, v), {}).get(split_of[t]), key)
+        majority = [_baseline_cell(baselines.get(t, {}).get(split_of[t]), t, key)
+                    for t in tasks for key, _ in COLUMNS[t]]
+        footnote = footnote or any(NOTHING_PREDICTED in cell for cell in majority)
+        rows = [("majority (train)", majority)]
+        rows += [(VARIANTS[v][1], [_cell([m.get(split_of[t]) for m in runs.get((t, v), [])], key)
                                    for t in tasks for key, _ in COLUMNS[t]]) for v in variants]
         lines += _table(rows, header)
+    if footnote:
+        lines += ["", f"{NOTHING_PREDICTED} The majority label of TACRED is no_relation: the baseline "
+                  "predicts no relation at all, so its precision is 0/0, which TACRED's scorer "
+                  "counts as 100; its recall and F1 (0) are the figures to compare."]
     lines += ["", "## Paper (RoBERTa-large; Wang et al. 2021, test)", ""]
     paper = [(label, [f"{PAPER[t][key][i]:.2f}" if key in PAPER.get(t, {}) else "–"
                       for t in tasks for key, _ in COLUMNS[t]])
              for i, label in enumerate(["RoBERTa", "K-Adapter (F+L)"])]
     lines += _table(paper, header)
-    lines += ["", "## Runs", "", "| task | variant | selected step / steps | dev examples | test examples |",
-              "|---|---|---|---|---|"]
-    for (task, variant), metrics in ((key, runs[key]) for key in product(tasks, variants) if key in runs):
-        lines.append(f"| {TASK_TITLES[task]} | {VARIANTS[variant][1]} | {metrics['selected_step']} / "
-                     f"{metrics['steps']} | {metrics['dev']['examples']} | {metrics['test']['examples']} |")
+    lines += ["", "## Runs", "", "| task | variant | seed | selected step / steps | dev examples | test examples |",
+              "|---|---|---|---|---|---|"]
+    for (task, variant) in (key for key in product(tasks, variants) if key in runs):
+        for metrics in runs[(task, variant)]:
+            lines.append(f"| {TASK_TITLES[task]} | {VARIANTS[variant][1]} | {metrics.get('seed', '–')} | "
+                         f"{metrics['selected_step']} / {metrics['steps']} | "
+                         f"{metrics['dev']['examples']} | {metrics['test']['examples']} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_results(runs: dict[tuple[str, str], dict], tasks: list[str], variants: list[str],
-                 path: Path) -> None:
-    """Grouped bars: the main metric (percent) of each task that has runs, one bar per variant."""
+def plot_results(runs: dict[tuple[str, str], Any], tasks: list[str], variants: list[str],
+                 path: Path, preset: str = "", baselines: dict[str, dict[str, dict]] | None = None
+                 ) -> None:
+    """Grouped bars: the main metric (percent) of each task that has runs, one bar per
+    variant (mean, with the standard deviation over seeds as an error bar), the value on
+    each bar; the majority baseline as a dashed line over each group and the paper's
+    figures (RoBERTa over the encoder bar, K-Adapter F+L over the +F+L bar) as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,25 +248,52 @@ def plot_results(runs: dict[tuple[str, str], dict], tasks: list[str], variants: 
 
     from kadapter.finetune import VARIANTS
 
+    runs, baselines = _by_seed(runs), baselines or {}
     tasks = [task for task in tasks if any((task, variant) in runs for variant in variants)]
-    figure, axes = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 4))
+    figure, axes = plt.subplots(figsize=(max(8.0, 2.4 + 2.2 * len(tasks)), 4.8))
     width = 0.8 / max(len(variants), 1)
-    for i, variant in enumerate(variants):
-        values = []
-        for task in tasks:
-            metrics = runs.get((task, variant))
+    seed_counts = {len(seeds) for seeds in runs.values()}
+    offsets = {v: (i - (len(variants) - 1) / 2) * width for i, v in enumerate(variants)}
+    for variant in variants:
+        means, errors, positions = [], [], []
+        for k, task in enumerate(tasks):
+            seeds = runs.get((task, variant))
+            if not seeds:
+                continue
             split = reported_split(runs, task)
-            values.append(100 * metrics[split].get(metrics["main_metric"], 0.0) if metrics else 0.0)
-        positions = [k + (i - (len(variants) - 1) / 2) * width for k in range(len(tasks))]
-        axes.bar(positions, values, width, label=VARIANTS[variant][1])
+            mean, std = mean_std([100 * m[split].get(m["main_metric"], 0.0) for m in seeds])
+            means.append(mean)
+            errors.append(std or 0.0)
+            positions.append(k + offsets[variant])
+        bars = axes.bar(positions, means, width, label=VARIANTS[variant][1],
+                        yerr=errors if max(seed_counts) > 1 else None, capsize=3)
+        axes.bar_label(bars, labels=[f"{m:.1f}" for m in means], fontsize=7, padding=2)
     labels = []
-    for task in tasks:
-        metric = next((m["main_metric"] for (t, _), m in runs.items() if t == task), "")
-        labels.append(f"{TASK_TITLES[task]}\n{metric} ({reported_split(runs, task)})")
+    majority_label = "majority (train)"
+    paper_label = "paper, test (◇ on encoder: RoBERTa-large; on +F+L: K-Adapter)"
+    for k, task in enumerate(tasks):
+        metric = next(seeds[0]["main_metric"] for (t, _), seeds in runs.items() if t == task)
+        split = reported_split(runs, task)
+        labels.append(f"{TASK_TITLES[task]}\n{METRIC_NAMES.get(metric, metric)} ({split})")
+        baseline = baselines.get(task, {}).get(split) or {}
+        if metric in baseline:
+            axes.hlines(100 * baseline[metric], k - 0.45, k + 0.45, colors="black",
+                        linestyles="dashed", linewidth=1, label=majority_label)
+            majority_label = None  # one legend entry
+        for variant, index in (("none", 0), ("fac,lin", 1)):
+            if metric in PAPER.get(task, {}) and variant in offsets:
+                axes.plot(k + offsets[variant], PAPER[task][metric][index], marker="D",
+                          markersize=6, markerfacecolor="none", markeredgecolor="black",
+                          linestyle="none", label=paper_label)
+                paper_label = None
     axes.set_xticks(range(len(tasks)), labels)
     axes.set_ylabel("percent")
-    axes.set_ylim(0, 100)
-    axes.legend(ncols=len(variants), loc="upper center", bbox_to_anchor=(0.5, 1.12), frameon=False)
+    axes.set_ylim(0, 105)
+    seeds_note = (f", mean ± std over {max(seed_counts)} seeds" if max(seed_counts, default=1) > 1
+                  else "")
+    axes.set_title(f"Fine-tuning, preset {preset}: main metric per task{seeds_note}", pad=34)
+    axes.legend(ncols=min(len(variants) + 2, 6), loc="upper center", bbox_to_anchor=(0.5, 1.11),
+                frameon=False, fontsize=8)
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(tmp, dpi=100)

@@ -3,11 +3,11 @@
 
     accelerate launch -m pipelines.pretrain --config configs/sample.yaml --task fac
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml \\
-        -m pipelines.pretrain --config configs/paper.yaml --task lin --resume
+        -m pipelines.pretrain --config configs/paper.yaml --task lin --resume true
     torchrun --nproc_per_node 2 -m pipelines.pretrain --task fac     # 2 CPU processes (gloo)
 
---task fac|lin  picks the section (pretrain_fac / pretrain_lin); --resume continues from
-the latest checkpoint in the run directory. Other --key value pairs override that section
+--task fac|lin  picks the section (pretrain_fac / pretrain_lin); --resume true continues
+from the latest checkpoint in the run directory (default false). Other --key value pairs override that section
 (--max_steps 20) or any other (--model.name_or_path /models/roberta-large).
 What it does, step by step, and the output layout: kadapter/pretrain.py.
 """
@@ -17,15 +17,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.common import run_stage
+from kadapter.config import parse_bool
+
+from .common import run_stage
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(prog="kadapter pretrain", add_help=False, allow_abbrev=False)
     parser.add_argument("--task", choices=("fac", "lin"))
-    parser.add_argument("--resume", action="store_true")
+    # true / false, like every boolean key; a bare --resume is an error (one syntax)
+    parser.add_argument("--resume", nargs="?", const=None, default="false")
     known, rest = parser.parse_known_args(argv)
+    if known.resume is None:
+        print("error: command line: --resume needs a value: true or false", file=sys.stderr)
+        raise SystemExit(2)
     if known.task is None:
         if any(a in ("-h", "--help") for a in rest):
             print(__doc__ + "\nKeys of a section: --task fac --help")
@@ -36,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     def stage(config) -> None:
         from kadapter.pretrain import run_pretraining
 
-        run_pretraining(config, known.task, resume=known.resume)
+        run_pretraining(config, known.task, resume=parse_bool(known.resume, "command line: --resume"))
 
     run_stage("pipelines.pretrain", f"pretrain_{known.task}", stage, rest)
 

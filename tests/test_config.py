@@ -106,10 +106,10 @@ def test_stage_args_and_help(config_file, capsys):
     inherited = set(field_docs(TrainingConfig))
     assert inherited and inherited <= set(field_docs(PretrainConfig))
     text = usage("pipelines.x", "adapter")
-    assert "--init_std [default 0.0002]" in text and "close to the identity" in text
+    assert "--init_std: default 0.0002" in text and "close to the identity" in text
     # Nested config dataclasses are expanded field by field.
     lama = usage("pipelines.eval_lama", "lama")
-    assert "    --mlm_head.epochs [default" in lama
+    assert "    --mlm_head.epochs: default" in lama
 
 
 @pytest.mark.parametrize("preset", ["sample", "paper"])

@@ -167,7 +167,8 @@ def test_stage_writes_splits_and_manifest(tmp_path):
     manifest = build_deps(config, seed=7)
     out = tmp_path / "out"
     rows = {split: read_split(out, split) for split in deps.SPLITS}
-    assert sorted(p.name for p in out.iterdir()) == ["dev.parquet", "manifest.json", "train.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [".kadapter-output.json", "dev.parquet", "manifest.json",
+                                                    "train.parquet"]
     assert pq.read_schema(out / "train.parquet") == deps.SCHEMA
 
     counts = manifest["counts"]
@@ -252,6 +253,7 @@ def test_bad_input_fails_cleanly_and_keeps_old_output(tmp_path, files, error, ma
     for name, content in files.items():
         write(tmp_path / "books" / name, content)
     previous = write(tmp_path / "out/train.parquet", b"previous run")
+    write(tmp_path / "out/.kadapter-output.json", b'{"stage": "data_deps"}')  # the stage's own
     with pytest.raises(error, match=match):
         build_deps(config_for(tmp_path), seed=1)
     assert previous.read_bytes() == b"previous run"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kadapter.deps import DepsConfig, build_deps
-from kadapter.io import InputError
+from kadapter.io import OUTPUT_MARKER, InputError, UnsafeOutputError
 from kadapter.trex import WIKIDATA_ENTITY, TrexConfig, build_trex_rc
 
 ray = pytest.importorskip("ray")
@@ -32,7 +32,8 @@ def local_ray():
 
 
 def renamed(uri: str, group: int) -> str:
-    return f"{uri}g{group}" if uri.startswith(WIKIDATA_ENTITY) else uri
+    """Q123 -> Q1232 (group 2): n -> 10n + group is one-to-one and still an entity URI."""
+    return f"{uri}{group}" if uri.startswith(WIKIDATA_ENTITY + "Q") else uri
 
 
 def generated_dump(directory: Path, repo_root: Path, files: int, copies: int) -> Path:
@@ -160,6 +161,34 @@ def test_trex_bad_input_as_on_the_local_engine(tmp_path, repo_root, local_ray):
     assert counts["documents_skipped_by_reason"]["malformed_document"] == 1
 
 
+def test_trex_docid_repeated_across_files_as_on_the_local_engine(tmp_path, repo_root, local_ray):
+    """A document of one file again in a later one: the same error on both engines under
+    raise; under skip the same counted skip and the bytes of a run without the copy."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in (repo_root / "data/sample/trex").glob("*.json"):
+        (inputs / path.name).write_bytes(path.read_bytes())
+    trex_run(str(inputs), tmp_path / "without")
+    repeated = json.loads((inputs / "people-1.json").read_text())[2]
+    (inputs / "zz-copy.json").write_text(json.dumps([repeated]))
+    errors = []
+    for engine in ("local", "ray"):
+        with pytest.raises(InputError) as err:
+            trex_run(str(inputs), tmp_path / engine, engine=engine, workers=2)
+        errors.append(str(err.value))
+        assert not (tmp_path / engine).exists()
+        trex_run(str(inputs), tmp_path / engine, engine=engine, workers=2, on_error="skip")
+    assert errors[0] == errors[1]
+    assert (f"zz-copy.json, record document 0 (docid {repeated['docid']}): docid also in "
+            f"{inputs / 'people-1.json'}") in errors[0]
+    same_outputs(tmp_path / "local", tmp_path / "ray", TREX_OUTPUTS)
+    for name in TREX_OUTPUTS:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "without" / name).read_bytes()
+    counts = json.loads((tmp_path / "ray/manifest.json").read_text())["counts"]
+    assert counts["documents_skipped_by_reason"]["duplicate_docid"] == 1
+    assert counts["triples_dropped"]["in_skipped_document"] == len(repeated["triples"])
+
+
 def test_trex_inputs_and_outputs_by_url(tmp_path, repo_root):
     import fsspec
 
@@ -170,6 +199,14 @@ def test_trex_inputs_and_outputs_by_url(tmp_path, repo_root):
     trex_run(str(repo_root / "data/sample/trex"), tmp_path / "local")
     for name in TREX_OUTPUTS:
         assert memory.cat(f"/trex-out/{name}") == (tmp_path / "local" / name).read_bytes()
+    assert json.loads(memory.cat(f"/trex-out/{OUTPUT_MARKER}")) == {"stage": "data_trex"}
+    trex_run("memory://trex-in/*.json", "memory://trex-out")  # its own output: replaced
+    memory.pipe("/user-data/notes.txt", b"mine")
+    with pytest.raises(UnsafeOutputError, match="was not written by stage 'data_trex'"):
+        trex_run("memory://trex-in/*.json", "memory://user-data")
+    with pytest.raises(UnsafeOutputError, match="holds the outputs of stage 'data_trex'"):
+        deps_run(repo_root / "data/sample/books", "memory://trex-out")
+    assert memory.cat("/user-data/notes.txt") == b"mine"
     manifest = json.loads(memory.cat("/trex-out/manifest.json"))
     first = manifest["inputs"][0]["path"]
     assert first.startswith("memory://") and first.endswith("/trex-in/countries-europe.json")
@@ -186,7 +223,9 @@ def books(directory: Path, repo_root: Path, files: int, lines: int) -> Path:
     directory.mkdir(parents=True)
     for index in range(files):
         part = prose[index * lines:(index + 1) * lines]
-        body = b"\n".join(part) + b"\ncaf\xe9 undecodable\n" + b"long " * 5000 + b"\n"
+        # binary junk past the up-front sniff (SNIFF_BYTES), then more prose
+        body = (b"\n".join(part[:-5]) + b"\ncaf\xe9 undecodable\n" + b"long " * 5000
+                + b"\nbinary \0 junk\n" + b"\n".join(part[-5:]) + b"\n")
         (directory / f"book-{index:02d}.txt").write_bytes(body)
     return directory
 
@@ -204,8 +243,9 @@ def test_deps_same_bytes_on_both_engines(tmp_path, repo_root, local_ray):
     manifest = json.loads((tmp_path / "ray/manifest.json").read_text())
     assert manifest["counts"]["lines"]["undecodable"] == 3
     assert manifest["counts"]["lines"]["too_long"] == 3
+    assert manifest["counts"]["lines"]["binary"] == 3  # a NUL byte mid-file, on both engines
     assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == [
-        "dev.parquet", "manifest.json", "train.parquet"], "the pieces are cleaned up"
+        OUTPUT_MARKER, "dev.parquet", "manifest.json", "train.parquet"], "the pieces are cleaned up"
 
     # stopping at max_sentences: the same sentences and counts
     deps_run(inputs, tmp_path / "local-max", max_sentences=100)

@@ -60,6 +60,8 @@ def workspace(tmp_path_factory, repo_root, tiny_model_dir):
             "output_dir": str(root / "runs"), "results": str(root / "results.md"),
             **{task: {"data_dir": str(root / "data" / directory), **task_settings}
                for task, directory in SAMPLE_DIRS.items()},
+            "figer": {"data_dir": str(root / "data/figer"), **task_settings,
+                      "labels": load_config(repo_root / "configs/sample.yaml").finetune.figer.labels},
         },
     }
     (root / "test.yaml").write_text(yaml.safe_dump(preset))
@@ -219,7 +221,7 @@ def test_results_table_reports_dev_where_test_is_unlabelled():
     baselines = {"tacred": {"test": {"precision": 1.0, "recall": 0.0, "f1": 0.0}, "dev": {}},
                  "csqa": {"test": {"examples": 4, "labelled": 0}, "dev": {"accuracy": 0.25}}}
     table = results_markdown(runs, ["tacred", "csqa"], ["none", "fac"], "x", baselines)
-    assert "| majority (train) | 100.00 | 0.00 | 0.00 | 25.00 |" in table
+    assert "| majority (train) | 100.00 † | 0.00 | 0.00 | 25.00 |" in table
     assert "| majority (train) | – | – | – | 25.00 |" in table
     assert "TACRED test, CommonsenseQA dev" in table
     assert "| encoder | 100.00 | 50.00 | 66.67 | 75.00 |" in table
@@ -305,6 +307,8 @@ def test_two_process_cpu_run_reloads_the_best_weights(workspace, repo_root):
     out = workspace / "ddp/tacred/fac"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parameters"]["processes"] == 2 and manifest["training"]["steps"] == 4
+    batch = manifest["training"]["batch"]  # batch_size 8 is examples per step: 4 a process
+    assert (batch["global_batch"], batch["micro_batch"], batch["processes"]) == (8, 4, 2)
     metrics = json.loads((out / "metrics.json").read_text())
     dev = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
            if r["kind"] == "dev"}

@@ -289,5 +289,6 @@ def test_pipeline_reports_bad_input_in_one_line(tmp_path, repo_root, capsys):
                    "--finetune.typing.data_dir", str(data), "--output_dir", str(tmp_path / "runs")])
     assert info.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: {data / 'dev.json'}, record 1: mention [0, 99) is empty or outside a sentence of 13 characters")
+        f"error: {data / 'dev.json'}, record 1: mention [0, 99) is empty or outside a sentence of 13 characters"
+            " (to leave such records out and count them, set --finetune.typing.on_error skip)")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics.json"))

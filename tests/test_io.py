@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from kadapter.io import (
+    OUTPUT_MARKER,
     InputError,
     atomic_output_dir,
     atomic_write_json,
@@ -20,17 +21,17 @@ from kadapter.io import (
 
 def test_atomic_output_dir_replaces_whole_on_success(tmp_path):
     final = tmp_path / "out"
-    final.mkdir()
-    (final / "stale.txt").write_text("old")
-    with atomic_output_dir(final) as tmp:
+    with atomic_output_dir(final, stage="s") as tmp:
+        (tmp / "stale.txt").write_text("old")
+    with atomic_output_dir(final, stage="s") as tmp:
         (tmp / "new.txt").write_text("new")
         assert not (final / "new.txt").exists(), "nothing visible before success"
-    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in final.iterdir()) == [OUTPUT_MARKER, "new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "no temporary left behind"
 
 
 def test_atomic_outputs_get_the_usual_permissions(tmp_path):
-    with atomic_output_dir(tmp_path / "out") as tmp:
+    with atomic_output_dir(tmp_path / "out", stage="s") as tmp:
         atomic_write_json(tmp / "manifest.json", {})
     mask = os.umask(0)
     os.umask(mask)
@@ -40,12 +41,12 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
 
 def test_atomic_output_dir_leaves_previous_output_on_failure(tmp_path):
     final = tmp_path / "out"
-    final.mkdir()
-    (final / "good.txt").write_text("good")
-    with pytest.raises(RuntimeError), atomic_output_dir(final) as tmp:
+    with atomic_output_dir(final, stage="s") as tmp:
+        (tmp / "good.txt").write_text("good")
+    with pytest.raises(RuntimeError), atomic_output_dir(final, stage="s") as tmp:
         (tmp / "half.txt").write_text("half")
         raise RuntimeError("killed mid-way")
-    assert [p.name for p in final.iterdir()] == ["good.txt"]
+    assert sorted(p.name for p in final.iterdir()) == [OUTPUT_MARKER, "good.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -304,10 +304,11 @@ def select(tokens, subset, facts, words, max_length=64, person_filter=None):
 
 
 @pytest.mark.parametrize("subset, facts, reasons", [
-    # Google-RE: "yes" must outnumber the rest; ties and no votes at all are dropped
-    ("google_re", [fact("place_of_birth", "Albert Einstein", "Ulm", v) for v in
-                   [(3, 0), (2, 1), (2, 2), (1, 3), (0, 0)]],
-     [None, None, "judgments_not_majority_yes", "judgments_not_majority_yes", "judgments_not_majority_yes"]),
+    # Google-RE, as LAMA: dropped only when the non-"yes" votes outnumber the "yes" ones;
+    # ties and facts without votes are kept (distinct subjects: one fact per pair is kept)
+    ("google_re", [fact("place_of_birth", f"Albert Einstein {i}", "Ulm", v) for i, v in
+                   enumerate([(3, 0), (2, 1), (2, 2), (1, 3), (0, 0)])],
+     [None, None, None, "judgments_majority_no", None]),
     # vocabulary filters, in order: one token first, then the common vocabulary
     ("trex", [fact("P19", "Albert Einstein", "Ulm"), fact("P19", "Albert Einstein", "Parisian"),
               fact("P19", "Albert Einstein", "Vienna"), fact("P19", "Albert Einstein", "Paris Rome")],
@@ -358,8 +359,8 @@ def test_person_name_filter_drops_objects_guessable_from_a_name(person_filter, b
              fact("P27", "Wolfgang Mozart", "Italian"), fact("P1376", "Rome", "Italian"),
              fact("place_of_birth", "Albert Einstein", "German", (2, 0))]
     assert person_filter.matches(facts) == [True, False, True, False, True]
-    questions = person_filter.top_ids([("Marais", "language")])
-    assert questions[("Marais", "language")] == set(bert_tokens.word_ids(["French", "German", "Italian"]))
+    questions = person_filter.top_tokens([("Marais", "language")])
+    assert questions[("Marais", "language")] == {"French", "German", "Italian"}
 
 
 def test_person_name_filter_only_in_uhn_subsets(person_filter, bert_tokens):
@@ -398,11 +399,13 @@ def test_rank_candidates_rejects_an_object_outside_the_candidates():
 
 
 def test_metrics_per_relation_and_macro_mean():
-    rows = [{"relation": "P19", "rank": r} for r in (1, 2, None, 1)]
-    rows += [{"relation": "P36", "rank": None}, {"relation": "P36", "rank": 10}]
+    rows = [{"relation": "P19", "rank": r} for r in (1, 2, 20, 1)]
+    rows += [{"relation": "P36", "rank": 40}, {"relation": "P36", "rank": 10}]
     summary = lama.summarise(rows)
-    assert summary["per_relation"]["P19"] == {"facts": 4, "p@1": 0.5, "p@10": 0.75, "mrr@10": 0.625}
-    assert summary["per_relation"]["P36"] == {"facts": 2, "p@1": 0.0, "p@10": 0.5, "mrr@10": 0.05}
+    assert summary["per_relation"]["P19"] == {"facts": 4, "p@1": 0.5, "p@10": 0.75,
+                                              "mrr": pytest.approx(2.55 / 4), "mrr@10": 0.625}
+    assert summary["per_relation"]["P36"] == {"facts": 2, "p@1": 0.0, "p@10": 0.5,
+                                              "mrr": pytest.approx(0.0625), "mrr@10": 0.05}
     # a subset's score is the mean over relations, not over facts
     assert summary["p@1"] == pytest.approx(0.25)
     assert summary["p@10"] == pytest.approx(0.625)
@@ -463,6 +466,8 @@ def test_masking_collator_is_seeded_and_masks_only_real_tokens(roberta_tokens):
     masked = (first["input_ids"] == tokenizer.mask_token_id) & chosen
     assert 0.7 < masked.sum() / chosen.sum() < 0.9
     assert torch.equal(first["input_ids"][~chosen], padded[~chosen])
+    # the masked positions come with the batch (no boolean selection on the device)
+    assert torch.equal(torch.stack([first["masked_rows"], first["masked_cols"]], 1), chosen.nonzero())
 
 
 def test_text_blocks_cut_the_token_stream(tmp_path, roberta_tokens):
@@ -557,7 +562,7 @@ def test_stage_scores_known_rankings_and_writes_recomputable_outputs(tmp_path, r
     assert facts["trex"]["dropped_by_reason"] == {"object_not_single_token": 1, "object_not_in_common_vocab": 1}
     assert facts["uhn_trex"]["dropped_by_reason"]["uhn_object_in_subject"] == 1
     assert facts["trex"]["relations_without_facts_file"] == ["P37"]
-    assert facts["google_re"]["dropped_by_reason"] == {"judgments_not_majority_yes": 1}
+    assert facts["google_re"]["dropped_by_reason"] == {"judgments_majority_no": 1}
 
     # ranks follow the rigged bias: Paris 1, Rome 2, Vienna 3, anything else beyond 3
     encoder = read_rows(out / "trex/encoder/predictions.jsonl")
@@ -570,7 +575,8 @@ def test_stage_scores_known_rankings_and_writes_recomputable_outputs(tmp_path, r
     p19 = results["subsets"]["trex"]["encoder"]["per_relation"]["P19"]
     assert p19["p@1"] == 0.25 and p19["facts"] == 4
     p36 = results["subsets"]["trex"]["encoder"]["per_relation"]["P36"]
-    assert p36 == {"facts": 3, "p@1": 1 / 3, "p@10": 1.0, "mrr@10": pytest.approx((1 + 1 / 2 + 1 / 3) / 3)}
+    assert p36 == {"facts": 3, "p@1": 1 / 3, "p@10": 1.0, "mrr": pytest.approx((1 + 1 / 2 + 1 / 3) / 3),
+                   "mrr@10": pytest.approx((1 + 1 / 2 + 1 / 3) / 3)}
 
     # every number is recomputed from predictions.jsonl; kept + dropped = read
     for subset in lama.SUBSETS:
@@ -583,7 +589,8 @@ def test_stage_scores_known_rankings_and_writes_recomputable_outputs(tmp_path, r
             assert results["subsets"][subset][variant] == summary
     assert json.loads((out / "results.json").read_text())["subsets"] == results["subsets"]
     table = (out / "results.md").read_text()
-    assert "| LAMA-T-REx | 3 | 9 / 11 |" in table and "skipped (no bert_model configured)" in table
+    assert "| LAMA-T-REx | 3 | 9 / 11 |" in table
+    assert "person-name filter: did not run (no lama.bert_model configured)" in table
     assert (out / "p_at_1.png").read_bytes()[:4] == b"\x89PNG"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["object_token_form"] == "space-prefixed"
@@ -651,7 +658,9 @@ def test_stage_with_person_name_filter(tmp_path, roberta_dir):
     assert results["facts"]["uhn_trex"]["dropped_by_reason"]["uhn_person_name"] == 2
     assert results["facts"]["uhn_google_re"]["dropped_by_reason"]["uhn_person_name"] == 2
     assert "uhn_person_name" not in results["facts"]["trex"]["dropped_by_reason"]
-    assert results["person_name_filter"].startswith("applied with")
+    assert results["person_name_filter"]["ran"]
+    assert (f"person-name filter: ran with {bert} (top 3) and removed 4 facts "
+            "(LAMA-UHN-Google-RE 2, LAMA-UHN-T-REx 2)") in (tmp_path / "out/results.md").read_text()
 
 
 @pytest.mark.parametrize("override, problem", [
@@ -690,3 +699,50 @@ def test_queries_beyond_the_position_table_are_dropped_not_crashed(tmp_path, rob
     (kept,) = [r for r in read_rows(tmp_path / "out/trex/encoder/predictions.jsonl")
                if r["relation"] == "P19"]
     assert kept["sub_label"].count("Einstein") == 56
+
+
+def test_predictions_hold_the_full_rank_and_mrr_counts_beyond_10(tmp_path):
+    # twelve rigged winners: Ulm, the twelfth, ranks 12 for every P19 query of Einstein
+    from pipelines.eval_lama import main
+
+    words = ["Paris", "Rome", "Vienna", "France", "Italy", "Austria", "German", "Italian",
+             "Mexico", "capital", "born", "Ulm"]
+    model_dir = build_toy(tmp_path / "rigged12", "roberta", rigged=words)
+    inputs = write_probe_inputs(tmp_path)
+    Path(inputs["common_vocab"]).write_text("\n".join(words) + "\n")
+    results = main(load_config(write_config(tmp_path, model_dir, inputs, variants=["encoder"],
+                                            subsets=["trex"], train_mlm_head=False)))
+    rows = read_rows(tmp_path / "out/trex/encoder/predictions.jsonl")
+    assert [r["rank"] for r in rows if r["obj_label"] == "Ulm"] == [12]
+    p19 = results["subsets"]["trex"]["encoder"]["per_relation"]["P19"]
+    ranks = [r["rank"] for r in rows if r["relation"] == "P19"]
+    assert p19["mrr"] == pytest.approx(sum(1 / r for r in ranks) / len(ranks))
+    assert p19["mrr@10"] == pytest.approx(sum(1 / r for r in ranks if r <= 10) / len(ranks))
+    assert p19["mrr"] > p19["mrr@10"]
+
+
+def test_a_configured_bert_model_that_is_missing_is_a_clear_error(tmp_path, roberta_dir):
+    from kadapter.modeling import ModelNotAvailable
+    from pipelines.eval_lama import main
+
+    inputs = write_probe_inputs(tmp_path)
+    config = load_config(write_config(tmp_path, roberta_dir, inputs, variants=["encoder"],
+                                      subsets=["uhn_trex"], bert_model=str(tmp_path / "no/bert")))
+    with pytest.raises(ModelNotAvailable, match=r"lama.bert_model .*person-name filter.*--lama.bert_model null"):
+        main(config)
+def test_dev_blocks_are_masked_once(tiny_model_dir):
+    """The MLM mix's dev loss compares like with like: the same masks at every evaluation,
+    and evaluating draws nothing from the training masks' generator."""
+    from kadapter.lama import MaskingCollator, masked_once
+    from kadapter.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    blocks = [{"input_ids": tokenizer("the cat sat on the mat " * 6)["input_ids"]} for _ in range(3)]
+    dev = masked_once(blocks, tokenizer, 0.3, seed=5)
+    assert dev == masked_once(blocks, tokenizer, 0.3, seed=5)
+    assert any(label != -100 for label in dev[0]["labels"])
+    collator = MaskingCollator(tokenizer, 0.3, seed=1)
+    first = collator(dev)
+    untouched = MaskingCollator(tokenizer, 0.3, seed=1)
+    assert first["labels"].tolist() == collator(dev)["labels"].tolist()  # same masks again
+    assert collator(blocks)["labels"].tolist() == untouched(blocks)["labels"].tolist()

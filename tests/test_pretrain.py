@@ -13,8 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
+import kadapter.features as features
 import kadapter.pretrain as pretrain
 from kadapter.config import load_config
+from kadapter.features import open_cache, pretrain_features
 from kadapter.io import InputError, atomic_write_json, read_json
 from kadapter.modeling import KnowledgeAdapter, load_adapter, load_encoder, load_tokenizer
 from kadapter.pretrain import (
@@ -24,11 +26,10 @@ from kadapter.pretrain import (
     classification_metrics,
     fac_features,
     lin_features,
-    load_features,
     majority_baseline,
     run_pretraining,
 )
-from kadapter.training import FeatureTable, PadCollator
+from kadapter.training import PadCollator
 
 RELATIONS = ["P17", "P19", "P47"]
 
@@ -198,16 +199,16 @@ def test_bad_dependency_row_names_the_record(tmp_path, tokenizer):
 
 def test_features_are_cached_and_keyed(tmp_path, tokenizer, monkeypatch):
     data = write_trex(tmp_path / "data", [fac_row(*case) for case in MENTION_CASES])
-    first = load_features("fac", data, tmp_path / "cache", tokenizer, 64)
+    first = pretrain_features("fac", data, tmp_path / "cache", tokenizer, 64, workers=1)
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("features rebuilt although cached")
 
-    monkeypatch.setattr(pretrain, "fac_features", no_tokenizing)
-    again = load_features("fac", data, tmp_path / "cache", tokenizer, 64)
+    monkeypatch.setattr(features, "fac_chunk", no_tokenizing)
+    again = pretrain_features("fac", data, tmp_path / "cache", tokenizer, 64, workers=1)
     assert again["cache"] == first["cache"] and len(again["train"]) == len(MENTION_CASES)
     with pytest.raises(AssertionError, match="rebuilt"):  # another max_length, another key
-        load_features("fac", data, tmp_path / "cache", tokenizer, 48)
+        pretrain_features("fac", data, tmp_path / "cache", tokenizer, 48, workers=1)
 
 
 def test_head_position_head_masks_padding():
@@ -302,7 +303,7 @@ def rescored_accuracy(run_dir, encoder, manifest) -> float:
     head = build_head(saved.config["task"]["head"])
     head.load_state_dict(saved.head_state, strict=True)
     model = pretrain.PretrainModel(saved.adapter, head).eval()
-    dev = FeatureTable.read_parquet(f"{manifest['features']['cache']}/dev.parquet")
+    dev = open_cache(manifest["features"]["cache"])["dev"]
     batch = PadCollator({"input_ids": 1})([dev[i] for i in range(len(dev))])
     with torch.no_grad():
         states = pretrain.encode_hidden_states(encoder.eval(), batch)
@@ -312,7 +313,7 @@ def rescored_accuracy(run_dir, encoder, manifest) -> float:
 
 def test_sample_lin_learns_head_positions(sample_dirs):
     manifest = run_pretraining(sample_config(sample_dirs, "lin", "lin"), "lin")
-    dev = FeatureTable.read_parquet(sample_dirs / manifest["features"]["cache"] / "dev.parquet")
+    dev = open_cache(manifest["features"]["cache"])["dev"]
     labels = np.concatenate([dev[i]["labels"] for i in range(len(dev))])
     root_share = float((labels[labels != -100] == 0).mean())  # always predicting <s>
     print(f"\nlin dev UAS {manifest['dev_metrics']['uas']:.4f} vs root-only {root_share:.4f}")
@@ -362,6 +363,9 @@ def test_two_process_cpu_run(sample_dirs, tiny_model_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = read_json(sample_dirs / "ddp" / "manifest.json")
     assert manifest["training"]["processes"] == 2 and manifest["training"]["steps"] == 4
+    # batch_size 16 is examples per step: 8 on each process
+    assert {k: manifest["training"]["batch"][k] for k in ("global_batch", "micro_batch")} == \
+        {"global_batch": 16, "micro_batch": 8}
     assert set(manifest["dev_metrics"]) == {"accuracy", "micro_f1", "macro_f1"}
     encoder = load_encoder(str(tiny_model_dir))
     # dev predictions were split over the 2 processes and gathered: all of dev, in order

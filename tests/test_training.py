@@ -240,10 +240,13 @@ def test_training_learns_keeps_frozen_part_and_writes_logs(tmp_path):
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
-    result, _ = run(tmp_path, grad_accumulation=4, epochs=2, eval_every=0, save_every=0)
-    assert result.global_step == 2 * 4  # 15 micro-batches an epoch -> 4 steps (4+4+4+3)
+    # batch_size is examples per optimizer step: 32 = 4 accumulated micro-batches of 8
+    result, _ = run(tmp_path, batch_size=32, grad_accumulation=4, epochs=2, eval_every=0,
+                    save_every=0)
+    assert result.global_step == 2 * 3  # 120 examples -> 3 steps of 32 an epoch, 24 left over
+    assert (result.batch.micro_batch, result.examples_left_per_epoch) == (8, 24)
     dev_steps = [r["step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "dev"]
-    assert dev_steps == [4, 8]
+    assert dev_steps == [3, 6]
 
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path):

@@ -57,6 +57,10 @@ def make_doc(docid: str, sentences: list[str], triples: list[tuple], extra: dict
         for key, value in (spec[3] if len(spec) > 3 else {}).items():
             if key in ("subject", "object"):
                 t[key] = {**t[key], **value}
+                bounds_moved = value.get("boundaries")
+                if (bounds_moved and "surfaceform" not in value  # a moved span keeps its text
+                        and all(type(b) is int for b in bounds_moved)):
+                    t[key]["surfaceform"] = text[bounds_moved[0]:bounds_moved[1]]
             else:
                 t[key] = value
         out_triples.append(t)
@@ -279,19 +283,22 @@ def test_real_trex_sample(tmp_path, shared_real):
     sentence. Duplicates: in Andorra all 17 SPOAligner and all 6 spanned NoSubject
     triples repeat a Simple-Aligner one (23); in Catalan the 3 spanned NoSubject triples
     and both SPOAligner ones repeat Simple-Aligner ones (5): 28, leaving 60 + 11 = 71.
+    Three of those triples (one kept, two of its repeats: P729 with the 1970-01-22 date)
+    have a date value, not an entity, as object: dropped as literal_argument, so 70
+    candidates and 26 duplicates.
     """
     path = shared_real / "trex-sample-output.json"
     manifest, rows, _ = run(tmp_path, path)
     c = manifest["counts"]
-    assert (c["documents"], c["triples_read"], c["candidates"]) == (2, 112, 71)
+    assert (c["documents"], c["triples_read"], c["candidates"]) == (2, 112, 70)
     assert {k: v for k, v in c["triples_dropped"].items() if v} == {
-        "missing_boundaries": 13, "duplicate": 28}
+        "missing_boundaries": 13, "literal_argument": 3, "duplicate": 26}
     assert c["entity_mentions"] == 127
     assert sorted(manifest["relations"]) == ["P17", "P2341", "P37", "P38", "P47", "P527",
-                                             "P530", "P729"]
+                                             "P530"]
     # Mentions: Catalan 19, Andorra 11, Spain 6, France 6; Southwestern Europe, the Euro,
-    # the EU and the 1970-01-22 date fewer. With 6+ mentions 8 candidates go (4 with
-    # Southwestern Europe, 3 with the Euro or the EU, 1 with the date); with 2+ pairs
+    # the EU and the 1970-01-22 date fewer. With 6+ mentions 7 candidates go (4 with
+    # Southwestern Europe, 3 with the Euro or the EU; the date's is gone already); with 2+ pairs
     # P2341 (1 pair: Catalan-Andorra) goes too: 7 examples.
     manifest, rows, out = run(tmp_path, path, min_entity_count=6, min_relation_pairs=2,
                               name="filtered")
@@ -406,7 +413,7 @@ def test_cli_on_the_sample_preset(tmp_path, repo_root):
          "--output_dir", str(out)], cwd=repo_root, capture_output=True, text=True, check=True)
     assert "examples over" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "dev.parquet", "manifest.json", "relations.json", "train.parquet"]
+        ".kadapter-output.json", "dev.parquet", "manifest.json", "relations.json", "train.parquet"]
     table = pq.read_table(out / "train.parquet")
     assert table.column_names == ["docid", "sentence", "subj_start", "subj_end", "obj_start",
                                   "obj_end", "subj_uri", "obj_uri", "relation", "label"]
@@ -427,7 +434,35 @@ def test_typed_decoding_gives_what_plain_dicts_give(tmp_path, repo_root, monkeyp
     plain = [trex.scan_table(str(p), 3, 0.3, frozenset({"P31"}), "raise") for p in paths]
     for (typed_scan, typed_table), (plain_scan, plain_table) in zip(typed, plain):
         assert typed_table.equals(plain_table) and typed_table.num_rows
-        assert typed_scan == plain_scan
+        assert (typed_scan.entity_counts, typed_scan.stats, typed_scan.candidates) == (
+            plain_scan.entity_counts, plain_scan.stats, plain_scan.candidates)
+        assert typed_scan.docids.tolist() == plain_scan.docids.tolist()
+        assert typed_scan.doc_indexes.tolist() == plain_scan.doc_indexes.tolist()
+
+
+@pytest.mark.parametrize(("change", "reason", "message"), [
+    ({"subject": {"surfaceform": "Berlin"}}, "surfaceform_mismatch",
+     r"subject surfaceform 'Berlin' is not the text at \[\d+, \d+\]"),
+    ({"object": {"uri": "http://example.org/x"}}, "not_an_entity",
+     r"object uri 'http://example.org/x' is neither a Wikidata entity nor a typed value"),
+    ({"object": {"uri": '"1990"^^http://www.w3.org/2001/XMLSchema#dateTime'}},
+     "literal_argument", None),
+])
+@pytest.mark.parametrize("decoding", ["typed", "plain"])
+def test_input_checks_hold_in_both_decodings(tmp_path, monkeypatch, change, reason, message,
+                                             decoding):
+    """11's argument checks on the typed fast path and on the plain-dict path alike."""
+    doc = make_doc("Q1", SENTENCES, [(0, "P17", 1, change), (0, "P17", 1)])
+    path = write(tmp_path / "in/a.json", [doc])
+    assert type(trex.decode_documents(path.read_bytes())[0]) is trex._Document
+    if decoding == "plain":
+        monkeypatch.setattr(trex, "decode_documents", trex.plain_documents)
+    if message is not None:
+        with pytest.raises(InputError, match=r"document 0 \(docid .*Q1\), triple 0: " + message):
+            run(tmp_path, path)
+    manifest = run(tmp_path, path, name="skip", on_error="skip")[0]
+    assert manifest["counts"]["triples_dropped"][reason] == 1
+    assert manifest["counts"]["candidates"] == 1
 
 
 @pytest.mark.parametrize("change", [
