@@ -485,11 +485,20 @@ def _scan_table(path: str, seed: int, dev_fraction: float, exclude: frozenset[st
             try:
                 (predicate, subj_uri, obj_uri, sentence_id, subj_span, obj_span,
                  subj_form, obj_form) = _triple_fields(triple, text_length, sentence_count)
-                subj_kind = kinds.get(subj_uri) or kinds.setdefault(subj_uri,
-                                                                    _argument_kind(subj_uri))
-                obj_kind = kinds.get(obj_uri) or kinds.setdefault(obj_uri, _argument_kind(obj_uri))
-                _check_argument("subject", subj_uri, subj_kind, subj_span, subj_form, text)
-                _check_argument("object", obj_uri, obj_kind, obj_span, obj_form, text)
+                subj_kind = kinds.get(subj_uri)
+                if subj_kind is None:
+                    subj_kind = kinds[subj_uri] = _argument_kind(subj_uri)
+                obj_kind = kinds.get(obj_uri)
+                if obj_kind is None:
+                    obj_kind = kinds[obj_uri] = _argument_kind(obj_uri)
+                # one test for the common case (both fine); the message from _check_argument
+                if (subj_kind == "bad" or obj_kind == "bad"
+                        or (subj_form is not None and subj_span is not None
+                            and text[subj_span[0]:subj_span[1]] != subj_form)
+                        or (obj_form is not None and obj_span is not None
+                            and text[obj_span[0]:obj_span[1]] != obj_form)):
+                    _check_argument("subject", subj_uri, subj_kind, subj_span, subj_form, text)
+                    _check_argument("object", obj_uri, obj_kind, obj_span, obj_form, text)
             except BadRecord as bad:
                 dropped[bad.reason] += 1
                 failure = fail(f"document {index} (docid {docid}), triple {position}", bad.problem)
