@@ -106,7 +106,7 @@ def main() -> None:
                 try:
                     for stage, (job, names, unit) in stages.items():
                         # warm-up (imports, Arrow kernels, Ray's first workers): untimed
-                        job(inputs[(stage, "small")][0], scratch / "warm-up", engine, workers)()
+                        job(inputs[(stage, "small")][0], scratch / f"warm-up-{stage}", engine, workers)()
                         row = {}
                         for size in ("small", "full"):
                             input_dir, amount = inputs[(stage, size)]
