@@ -615,7 +615,7 @@ def _docids_of(scan: FileScan) -> tuple[np.ndarray, np.ndarray]:
 def repeated_docids(paths: list, docids: list[tuple[np.ndarray, np.ndarray]]
                     ) -> dict[tuple[str, int, str], str]:
     """``{(later file, document index, docid): first file}`` for each docid kept in more
-    than one file (by 64-bit hash, confirmed on the documents' docids)."""
+    than one file (found by 64-bit hash, confirmed on the documents' docids)."""
     hashes = [h for h, _ in docids]
     if sum(len(h) for h in hashes) == 0:
         return {}
@@ -624,27 +624,30 @@ def repeated_docids(paths: list, docids: list[tuple[np.ndarray, np.ndarray]]
     positions = np.concatenate([np.arange(len(h)) for h in hashes])
     order = np.argsort(flat, kind="stable")  # stable: the earliest file comes first
     ordered = flat[order]
-    later = np.flatnonzero(ordered[1:] == ordered[:-1]) + 1
-    found: dict[tuple[str, int, str], str] = {}
+    repeats = np.flatnonzero(ordered[1:] == ordered[:-1]) + 1  # not the first of its hash
+    found: list[tuple[int, int, str, int]] = []  # (file, document index, docid, first file)
     cache: dict[int, list] = {}
 
-    def docid_at(file: int, position: int) -> str:
+    def docid_at(k: int) -> tuple[int, int, str]:
+        """(file, document index, docid) of the k-th hash in sorted order."""
+        file = int(files[order[k]])
+        index = int(docids[file][1][positions[order[k]]])
         documents = cache.get(file)
         if documents is None:
             documents = cache[file] = decode_documents(read_bytes(paths[file]))
-        return _docid(documents[int(docids[file][1][position])])
+        return file, index, _docid(documents[index])
 
-    for k in later:
-        file, position = int(files[order[k]]), int(positions[order[k]])
-        first_k = int(np.searchsorted(ordered, ordered[k]))
-        first = int(files[order[first_k]])
-        if file == first:
-            continue  # a repeat inside one file is caught by its scan
-        docid = docid_at(file, position)
-        if docid != docid_at(first, int(positions[order[first_k]])):
-            continue  # a hash collision, not a repeat
-        found[(str(paths[file]), int(docids[file][1][position]), docid)] = str(paths[first])
-    return found
+    for start in sorted({int(np.searchsorted(ordered, ordered[k])) for k in repeats}):
+        first_file: dict[str, int] = {}  # docid -> earliest file, within one hash value
+        k = start
+        while k < len(ordered) and ordered[k] == ordered[start]:
+            file, index, docid = docid_at(k)
+            earlier = first_file.setdefault(docid, file)
+            if earlier != file:  # (a repeat inside one file is caught by its scan)
+                found.append((file, index, docid, earlier))
+            k += 1
+    return {(str(paths[file]), index, docid): str(paths[earlier])  # in input order
+            for file, index, docid, earlier in sorted(found)}
 
 
 def _with_repeats(skips: dict[int, frozenset[str]], repeated: dict, paths: list

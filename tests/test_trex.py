@@ -475,3 +475,20 @@ def test_both_decodings_name_bad_boundaries_alike(tmp_path, change):
     with pytest.raises(InputError, match=r"document 0 \(docid .*Q1\), triple 0: boundaries "
                                          r"\[60(\.0)?, (66|999)\] outside the text"):
         run(tmp_path, path)
+
+
+def test_docid_hash_collisions_are_not_repeats(tmp_path, monkeypatch):
+    """Cross-file repeats are found by docid hash but confirmed on the docids: with every
+    hash equal, only the docid really in two files is a duplicate."""
+    first = write(tmp_path / "in/a.json", [make_doc("Q1", SENTENCES, [(0, "P17", 1)]),
+                                           make_doc("Q2", SENTENCES, [(2, "P17", 3)])])
+    second = write(tmp_path / "in/b.json", [make_doc("Q3", SENTENCES, [(0, "P17", 1)]),
+                                            make_doc("Q2", SENTENCES, [(2, "P17", 3)])])
+    expected = run(tmp_path, [first, second], name="hashed", on_error="skip")[0]["counts"]
+    monkeypatch.setattr(trex, "docid_hash", lambda docid: 7)
+    with pytest.raises(InputError, match=r"b.json, record document 1 \(docid .*Q2\): docid also "
+                                         r"in .*a.json"):
+        run(tmp_path, [first, second])
+    counts = run(tmp_path, [first, second], name="collided", on_error="skip")[0]["counts"]
+    assert counts == expected
+    assert counts["documents_skipped_by_reason"]["duplicate_docid"] == 1
