@@ -118,6 +118,7 @@ bench: $(SETUP)
 	$(PY) benchmarks/trex_throughput.py
 	$(PY) benchmarks/deps_throughput.py
 	$(PY) benchmarks/pretrain_throughput.py
+	$(PY) benchmarks/engines.py
 
 # Synthetic inputs at three sizes (x4 each): T-REx stage, feature stage, fine-tuning load.
 # Full ladder by default (~10 min on 2 quiet cores); BENCH_SCALE_ARGS="--top 0.25" for a quarter.

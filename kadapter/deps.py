@@ -21,6 +21,13 @@ the sample's sentences a second per core, 2.5-3x its full pipeline
 training inputs: sub-word ids plus, at the first sub-token of each word, the
 position of its head word's first sub-token (see their docstrings).
 
+Work is done in batches of ``batch_size`` lines: a worker parses a batch, filters and
+splits its sentences and hands back Arrow tables (``process_batch``), so the main
+process only counts outcomes and writes columns. ``engine: local`` runs the workers as
+a process pool fed by the main process; ``engine: ray`` (kadapter/ray_engine.py) finds
+the same batches as byte ranges (``line_batches``) and lets an actor pool of parsers
+read, parse and write them. Both write the same bytes.
+
 Nothing is dropped silently: every skipped line and sentence is counted by reason in
 ``manifest.json``; outputs appear whole or not at all.
 """
@@ -41,18 +48,19 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kadapter.config import to_plain
-from kadapter.io import (
-    InputError,
-    atomic_output_dir,
-    atomic_write_json,
-    expand_inputs,
-    file_fingerprint,
-    split_of,
-    versions,
+from kadapter.fs import (
+    expand_any,
+    fingerprint_any,
+    is_url,
+    open_binary,
+    output_dir_any,
+    size_of,
 )
+from kadapter.io import InputError, atomic_write_json, file_fingerprint, split_of, versions
 from kadapter.progress import progress as progress_bar
 
 IGNORE_INDEX = -100
@@ -111,6 +119,15 @@ class DepsConfig:
     batch_size: int = 256
     """Lines per unit of work: what one worker parses at a time (also spaCy's batch size).
     At most 2 x workers batches are in flight, which bounds memory."""
+    engine: Literal["local", "ray"] = "local"
+    """``local``: a process pool on this machine; ``ray``: an actor pool of ``workers``
+    parsers on a local Ray or a cluster (``ray_address``). Same bytes out either way."""
+    ray_address: str | None = None
+    """With ``engine: ray``: None starts a local Ray with ``workers`` CPUs; ``auto`` joins
+    the running cluster (or the one named by RAY_ADDRESS); ``host:6379`` joins that one."""
+    gpus_per_parser: float = 0.0
+    """With ``engine: ray``: GPUs each parser actor reserves (stanza: 1, or 0.5 to put two
+    parsers on a GPU); 0 = CPU parsers (spaCy)."""
 
     def __post_init__(self) -> None:
         if self.min_words < 1 or self.max_words < self.min_words:
@@ -121,6 +138,8 @@ class DepsConfig:
             raise ValueError(f"max_sentences must be >= 1 or null, got {self.max_sentences}")
         if self.workers < 1 or self.batch_size < 1:
             raise ValueError(f"workers and batch_size must be >= 1, got {self.workers}, {self.batch_size}")
+        if self.gpus_per_parser < 0:
+            raise ValueError(f"gpus_per_parser must be >= 0, got {self.gpus_per_parser}")
         if not 1 <= self.max_line_chars <= 1_000_000:  # spaCy refuses texts over 1M characters
             raise ValueError(f"max_line_chars must be in [1, 1000000], got {self.max_line_chars}")
 
@@ -139,23 +158,28 @@ class Line(NamedTuple):
 
 def check_text_file(path: Path) -> None:
     """Refuse binary files (a NUL byte early on: compressed dumps, wrong globs) up front."""
-    with open(path, "rb") as handle:
+    with open_binary(path) as handle:
         if b"\0" in handle.read(SNIFF_BYTES):
             raise InputError(path, None, "contains NUL bytes: not a text file (compressed?)")
 
 
-def read_lines(path: Path, file_index: int, max_line_chars: int) -> Iterator[Line]:
-    """Yield every line of a UTF-8 text file, blank and bad ones marked with a skip reason.
+def read_lines(path: Path, file_index: int, max_line_chars: int, start: int = 0,
+               first_number: int = 1, count: int | None = None) -> Iterator[Line]:
+    """Yield every line of a UTF-8 text file, blank and bad ones marked with a skip reason
+    (or ``count`` lines from byte ``start``, the line numbered ``first_number``).
 
     Reads in binary with a bounded ``readline`` so an absurdly long line never sits in
     memory whole; a line that is not valid UTF-8 is skipped (``undecodable``), not fatal,
     and so is a line holding a NUL byte (``binary``: the up-front sniff reads only the
     file's start, so binary junk further on is caught line by line).
+    A line is what ends at a newline (or the file's end): ``line_batches`` counts alike.
     """
     limit = 4 * max_line_chars + 2  # UTF-8 needs at most 4 bytes a character, plus \r\n
-    with open(path, "rb") as handle:
-        number = 0
-        while raw := handle.readline(limit):
+    last = None if count is None else first_number - 1 + count
+    with open_binary(path) as handle:
+        handle.seek(start)
+        number = first_number - 1
+        while number != last and (raw := handle.readline(limit)):
             number += 1
             if not raw.endswith(b"\n") and len(raw) == limit:
                 while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
@@ -229,6 +253,42 @@ def spacy_sentence_record(sent) -> dict[str, Any] | str:
     }
 
 
+def spacy_doc_records(doc) -> list[dict[str, Any] | str]:
+    """``spacy_sentence_record`` of every sentence of a Doc, read from the Doc's token
+    arrays at once instead of one Token object per attribute (the stage's main cost
+    after parsing itself)."""
+    from spacy.attrs import DEP, HEAD, IDX, IS_SPACE, LENGTH
+
+    if not len(doc):
+        return []
+    array = doc.to_array([IDX, LENGTH, DEP, IS_SPACE, HEAD])  # uint64
+    starts, lengths, deps, spaces = array[:, :4].T.tolist()
+    heads = array[:, 4].astype("int64").tolist()  # signed offsets
+    strings = doc.vocab.strings
+    labels = {dep: strings[dep] for dep in set(deps)}
+    text = doc.text
+    records: list[dict[str, Any] | str] = []
+    for sent in doc.sents:
+        first, end = sent.start, sent.end
+        if any(spaces[first:end]):
+            records.append("whitespace_token")
+            continue
+        base = starts[first]
+        word_starts = [start - base for start in starts[first:end]]
+        word_ends = [start + length for start, length in zip(word_starts, lengths[first:end])]
+        records.append({
+            "text": text[base:base + word_ends[-1]],
+            "words": [text[base + s:base + e] for s, e in zip(word_starts, word_ends)],
+            "word_starts": word_starts,
+            "word_ends": word_ends,
+            # HEAD is the offset to the head (0 at the root); heads never cross sentences
+            "heads": [0 if offset == 0 else i + offset + 1
+                      for i, offset in enumerate(heads[first:end])],
+            "deprels": [labels[dep] for dep in deps[first:end]],
+        })
+    return records
+
+
 class SpacyParser:
     def __init__(self, model: str, batch_size: int):
         self.batch_size = batch_size
@@ -236,7 +296,7 @@ class SpacyParser:
 
     def parse(self, texts: list[str]) -> list[list[dict[str, Any] | str]]:
         docs = self.nlp.pipe(texts, batch_size=self.batch_size)
-        return [[spacy_sentence_record(sent) for sent in doc.sents] for doc in docs]
+        return [spacy_doc_records(doc) for doc in docs]
 
 
 def stanza_missing_message(stanza_dir: Path, missing: Sequence[str]) -> str:
@@ -384,20 +444,50 @@ def make_parser(config: DepsConfig, worker: int = 0):
     return StanzaParser(config.stanza_dir, device=stanza_device(worker))
 
 
+class BatchResult(NamedTuple):
+    """What the stage keeps of one batch of lines, computed where the batch was parsed."""
+
+    outcomes: list[tuple[str, ...]]  # per unskipped line: each sentence's split, or why dropped
+    tables: dict[str, pa.Table]  # the kept sentences of each split (SCHEMA), in order
+
+
+def process_batch(batch: list[Line], parser: Any, config: DepsConfig, seed: int) -> BatchResult:
+    """Parse a batch's unskipped lines, then filter and split their sentences: the
+    per-batch work of both engines (in the worker, so only Arrow tables travel)."""
+    parsed = parser.parse([line.text for line in batch if line.skip is None])
+    outcomes: list[tuple[str, ...]] = []
+    rows: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    for sentences in parsed:
+        line_outcomes = []
+        for sentence in sentences:
+            problem = sentence if isinstance(sentence, str) else sentence_problem(
+                sentence, config.min_words, config.max_words)
+            if problem is None:
+                split = split_of(sentence["text"], seed, config.dev_fraction)
+                rows[split].append(sentence)
+                line_outcomes.append(split)
+            else:
+                line_outcomes.append(problem)
+        outcomes.append(tuple(line_outcomes))
+    return BatchResult(outcomes, {split: pa.Table.from_pylist(records, schema=SCHEMA)
+                                  for split, records in rows.items()})
+
+
 # Worker processes hold one parser each (spawned, so no parser state is shared by fork).
-_WORKER_PARSER = None
+_WORKER: tuple[Any, DepsConfig, int] | None = None
 
 
-def _init_worker(config: DepsConfig, counter) -> None:
-    global _WORKER_PARSER
+def _init_worker(config: DepsConfig, seed: int, counter) -> None:
+    global _WORKER
     with counter.get_lock():
         worker = counter.value
         counter.value += 1
-    _WORKER_PARSER = make_parser(config, worker)
+    _WORKER = (make_parser(config, worker), config, seed)
 
 
-def _parse_in_worker(texts: list[str]) -> list[list[dict[str, Any] | str]]:
-    return _WORKER_PARSER.parse(texts)
+def _process_in_worker(batch: list[Line]) -> BatchResult:
+    parser, config, seed = _WORKER
+    return process_batch(batch, parser, config, seed)
 
 
 # --------------------------------------------------------------------------- batching
@@ -414,28 +504,86 @@ def batched(lines: Iterable[Line], size: int) -> Iterator[list[Line]]:
         yield batch
 
 
-def parse_batches(
-    batches: Iterator[list[Line]], config: DepsConfig, parser: Any
-) -> Iterator[tuple[list[Line], list[list[dict[str, Any] | str]]]]:
-    """Yield (batch, parses of its unskipped lines) in input order.
+def input_batches(files: list, config: DepsConfig) -> Iterator[list[Line]]:
+    """Every input line in order, in batches of ``batch_size`` (the same for every engine)."""
+    lines = (line for index, path in enumerate(files)
+             for line in read_lines(path, index, config.max_line_chars))
+    return batched(lines, config.batch_size)
 
-    With one worker the batches are parsed here by ``parser``; otherwise by a pool of
-    spawned processes, at most ``2 * workers`` batches ahead of the consumer.
+
+class Segment(NamedTuple):
+    """``count`` consecutive lines of input file ``file``, from byte ``start``."""
+
+    file: int
+    start: int
+    first_number: int
+    count: int
+
+
+def line_batches(files: list, batch_size: int) -> Iterator[list[Segment]]:
+    """The batches of ``input_batches`` as byte ranges, found by counting newlines (at
+    memory speed, nothing decoded): whoever parses a batch reads its lines itself."""
+    batch: list[Segment] = []
+    room = batch_size
+    for index, path in enumerate(files):
+        start, number, offset = 0, 1, 0  # current segment: first byte and line; bytes read
+        ends_with_newline = True
+        with open_binary(path) as handle:
+            while block := handle.read(1 << 22):
+                position = 0
+                while (newline := block.find(b"\n", position)) >= 0:
+                    position = newline + 1
+                    room -= 1
+                    if room == 0:
+                        end = offset + position
+                        lines = (batch_size - sum(segment.count for segment in batch))
+                        batch.append(Segment(index, start, number, lines))
+                        yield batch
+                        batch, room = [], batch_size
+                        start, number = end, number + lines
+                ends_with_newline = block.endswith(b"\n")
+                offset += len(block)
+        if not ends_with_newline:
+            room -= 1  # a last line without a newline
+        lines = batch_size - room - sum(segment.count for segment in batch)
+        if lines:
+            batch.append(Segment(index, start, number, lines))
+        if room == 0:
+            yield batch
+            batch, room = [], batch_size
+    if batch:
+        yield batch
+
+
+def read_segments(files: list, segments: list[Segment], max_line_chars: int) -> list[Line]:
+    """The lines of one ``line_batches`` batch: ``input_batches``'s batch, read here."""
+    return [line for segment in segments
+            for line in read_lines(files[segment.file], segment.file, max_line_chars,
+                                   segment.start, segment.first_number, segment.count)]
+
+
+def local_batch_results(batches: Iterator[list[Line]], config: DepsConfig,
+                        seed: int) -> Iterator[tuple[list[Line], BatchResult]]:
+    """Yield (batch, its result) in input order.
+
+    With one worker the batches are processed here; otherwise by a pool of spawned
+    processes, at most ``2 * workers`` batches ahead of the consumer.
     """
     if config.workers == 1:
+        parser = make_parser(config)
         for batch in batches:
-            yield batch, parser.parse([line.text for line in batch if line.skip is None])
+            yield batch, process_batch(batch, parser, config, seed)
         return
     context = get_context("spawn")
     counter = context.Value("i", 0)
     with ProcessPoolExecutor(
-        config.workers, mp_context=context, initializer=_init_worker, initargs=(config, counter)
+        config.workers, mp_context=context, initializer=_init_worker,
+        initargs=(config, seed, counter),
     ) as pool:
         pending: deque = deque()
         try:
             for batch in batches:
-                texts = [line.text for line in batch if line.skip is None]
-                pending.append((batch, pool.submit(_parse_in_worker, texts)))
+                pending.append((batch, pool.submit(_process_in_worker, batch)))
                 if len(pending) >= 2 * config.workers:
                     done, future = pending.popleft()
                     yield done, future.result()
@@ -450,29 +598,87 @@ def parse_batches(
 
 
 class SplitWriter:
-    """Streams records into one Parquet file, a row group every ROW_GROUP_ROWS rows."""
+    """Streams tables into one Parquet file, a row group every ROW_GROUP_ROWS rows."""
 
     def __init__(self, path: Path):
         self.writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
-        self.rows: list[dict[str, Any]] = []
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
         self.count = 0
         self.words = 0
 
-    def add(self, record: dict[str, Any]) -> None:
-        self.rows.append(record)
-        self.count += 1
-        self.words += len(record["words"])
-        if len(self.rows) >= ROW_GROUP_ROWS:
-            self.flush()
+    def add(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        self.count += table.num_rows
+        self.words += pc.sum(pc.list_value_length(table["words"])).as_py()
+        if self.pending_rows >= ROW_GROUP_ROWS:
+            self.flush(whole_groups_only=True)
 
-    def flush(self) -> None:
-        if self.rows:
-            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=SCHEMA))
-            self.rows = []
+    def flush(self, whole_groups_only: bool = False) -> None:
+        if not self.pending_rows:
+            return
+        rows = pa.concat_tables(self.pending).combine_chunks()
+        written = 0
+        while rows.num_rows - written >= ROW_GROUP_ROWS or (
+                not whole_groups_only and written < rows.num_rows):
+            self.writer.write_table(rows.slice(written, ROW_GROUP_ROWS))
+            written += min(ROW_GROUP_ROWS, rows.num_rows - written)
+        rest = rows.slice(written)
+        self.pending, self.pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
 
     def close(self) -> None:
         self.flush()
         self.writer.close()
+
+
+class Collector:
+    """Counts and writes the batch results in input order, up to ``max_sentences``."""
+
+    def __init__(self, out: Path, files: list, config: DepsConfig, progress: Any):
+        self.files, self.max_sentences, self.progress = files, config.max_sentences, progress
+        self.writers = {split: SplitWriter(out / f"{split}.parquet") for split in SPLITS}
+        self.lines_seen: Counter = Counter()  # read, parsed, and each skip reason
+        self.sentences_seen: Counter = Counter()  # parsed, and each drop reason
+        self.examples: list[dict[str, Any]] = []  # where the first skipped lines are
+        self.kept = 0
+
+    def add(self, batch: list[Line], result: BatchResult) -> bool:
+        """Take one batch; True once ``max_sentences`` is reached (the rest is not read)."""
+        outcomes = iter(result.outcomes)
+        taken = dict.fromkeys(SPLITS, 0)
+        full = False
+        for line in batch:
+            self.lines_seen["read"] += 1
+            if line.skip is not None:
+                self.lines_seen[line.skip] += 1
+                if line.skip != "blank" and len(self.examples) < MAX_EXAMPLES:
+                    self.examples.append({"file": str(self.files[line.file]),
+                                          "line": line.number, "reason": line.skip})
+                continue
+            self.lines_seen["parsed"] += 1
+            for outcome in next(outcomes):
+                self.sentences_seen["parsed"] += 1
+                if outcome not in taken:
+                    self.sentences_seen[outcome] += 1
+                    continue
+                taken[outcome] += 1
+                self.kept += 1
+                full = self.kept == self.max_sentences
+                if full:
+                    break
+            if full:
+                break
+        for split, table in result.tables.items():
+            self.writers[split].add(table.slice(0, taken[split]))
+        self.progress.update(sum(taken.values()))
+        return full
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
 
 
 # --------------------------------------------------------------------------- the stage
@@ -481,54 +687,40 @@ class SplitWriter:
 def build_deps(config: DepsConfig, seed: int) -> dict[str, Any]:
     """Run the whole stage; returns the manifest (also written to ``output_dir``)."""
     seed = config.seed if config.seed is not None else seed
-    files = expand_inputs(config.input, TEXT_SUFFIXES)
+    files = expand_any(config.input, TEXT_SUFFIXES)
     for path in files:
         check_text_file(path)
-    empty_files = [str(p) for p in files if p.stat().st_size == 0]
+    empty_files = [str(p) for p in files if size_of(p) == 0]
     for path in empty_files:
         print(f"warning: {path} is empty", file=sys.stderr)
     parser_info = describe_parser(config)  # fails here, before any work, if the model is missing
 
-    lines_seen: Counter = Counter()  # read, parsed, and each skip reason
-    sentences_seen: Counter = Counter()  # parsed, and each drop reason
-    examples: list[dict[str, Any]] = []  # where the first skipped lines are
-    kept = 0
-    with atomic_output_dir(config.output_dir, stage="data_deps") as tmp, \
-            closing(parsed_lines(files, config)) as lines, \
+    with output_dir_any(config.output_dir, stage="data_deps") as tmp, \
             progress_bar(total=config.max_sentences, unit="sent", desc="parse") as progress:
-        writers = {split: SplitWriter(tmp / f"{split}.parquet") for split in SPLITS}
-        for line, sentences in lines:
-            lines_seen["read"] += 1
-            if line.skip is not None:
-                lines_seen[line.skip] += 1
-                if line.skip != "blank" and len(examples) < MAX_EXAMPLES:
-                    examples.append({"file": str(files[line.file]), "line": line.number,
-                                     "reason": line.skip})
-                continue
-            lines_seen["parsed"] += 1
-            for sentence in sentences:
-                sentences_seen["parsed"] += 1
-                problem = sentence if isinstance(sentence, str) else sentence_problem(
-                    sentence, config.min_words, config.max_words)
-                if problem is not None:
-                    sentences_seen[problem] += 1
-                    continue
-                writers[split_of(sentence["text"], seed, config.dev_fraction)].add(sentence)
-                kept += 1
-                progress.update()
-                if kept == config.max_sentences:
+        collector = Collector(tmp, files, config, progress)
+        if config.engine == "ray":
+            from kadapter.ray_engine import ray_batch_results
+
+            # Pieces go beside the outputs, where every node of a cluster can reach them.
+            pieces = (f"{str(config.output_dir).rstrip('/')}.pieces" if is_url(config.output_dir)
+                      else str(tmp / ".pieces"))
+            results = ray_batch_results(files, config, seed, pieces)
+        else:
+            results = local_batch_results(input_batches(files, config), config, seed)
+        with closing(results):
+            for batch, result in results:
+                if collector.add(batch, result):
                     break
-            if kept == config.max_sentences:
-                break
-        for writer in writers.values():
-            writer.close()
+        collector.close()
+        lines_seen, sentences_seen, kept = (collector.lines_seen, collector.sentences_seen,
+                                            collector.kept)
         if kept == 0:
             raise InputError(config.input, None, f"no sentence kept (lines {dict(lines_seen)}, "
                                                  f"sentences {dict(sentences_seen)})")
 
         manifest = {
             "stage": "data_deps",
-            "inputs": [file_fingerprint(p) for p in files],
+            "inputs": [fingerprint_any(p) for p in files],
             "empty_files": empty_files,
             "parser": parser_info,
             "parameters": {**to_plain(config), "seed": seed},
@@ -539,27 +731,17 @@ def build_deps(config: DepsConfig, seed: int) -> dict[str, Any]:
                     "kept": kept,
                     "dropped": dict(sorted(sentences_seen.items())),
                 },
-                "splits": {s: {"sentences": w.count, "words": w.words} for s, w in writers.items()},
+                "splits": {s: {"sentences": w.count, "words": w.words}
+                           for s, w in collector.writers.items()},
                 "reached_max_sentences": kept == config.max_sentences,
             },
-            "skipped_line_examples": examples,
+            "skipped_line_examples": collector.examples,
             "outputs": {f"{s}.parquet": file_fingerprint(tmp / f"{s}.parquet")["sha256"]
                         for s in SPLITS},
             "versions": versions(),
         }
         atomic_write_json(tmp / "manifest.json", manifest)
     return manifest
-
-
-def parsed_lines(files: list[Path], config: DepsConfig) -> Iterator[tuple[Line, list]]:
-    """Every input line in order with its parsed sentences (none for a skipped line)."""
-    lines = (line for index, path in enumerate(files)
-             for line in read_lines(path, index, config.max_line_chars))
-    parser = make_parser(config) if config.workers == 1 else None  # else each worker loads one
-    for batch, parsed in parse_batches(batched(lines, config.batch_size), config, parser):
-        parsed_iter = iter(parsed)
-        for line in batch:
-            yield line, [] if line.skip is not None else next(parsed_iter)
 
 
 def sentence_problem(record: Mapping[str, Any], min_words: int, max_words: int) -> str | None:

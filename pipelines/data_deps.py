@@ -1,6 +1,7 @@
 """Dependency data for the linguistic adapter (section ``data_deps``, kadapter/deps.py).
 
     python -m pipelines.data_deps --config configs/sample.yaml [--workers 2 ...]
+                                  [--engine ray [--ray_address auto]]
 
 BookCorpus-style text (one or more sentences per line) -> dependency parse ->
 ``train.parquet`` / ``dev.parquet`` with one row per sentence (text, words, word

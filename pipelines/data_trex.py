@@ -1,6 +1,7 @@
 """T-REx dump -> relation-classification set for the factual adapter.
 
     python -m pipelines.data_trex --config configs/sample.yaml [--workers 4] [--input PATH]
+                                  [--engine ray [--ray_address auto]]
 
 Reads every document of the T-REx JSON files in ``data_trex.input`` (the full dump:
 ~465 files, tens of GB; memory stays at one parsed file plus the entity counter),

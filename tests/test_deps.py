@@ -145,6 +145,16 @@ def test_spacy_records_are_consistent(spacy_parser):
     assert second["heads"][0] == root + 1  # "He" hangs off the root verb, 1-based
 
 
+def test_token_array_records_equal_token_by_token_records(spacy_parser, repo_root):
+    lines = [line for path in sorted((repo_root / "data/sample/books").glob("*.txt"))
+             for line in path.read_text(encoding="utf-8").splitlines()]
+    lines += ["Two  spaces and a\ttab. Then more.", "", "x", "caf\u00e9 \U0001F600 na\u00efve. Ok!"]
+    docs = list(spacy_parser.nlp.pipe(lines))
+    records = [deps.spacy_doc_records(doc) for doc in docs]
+    assert records == [[deps.spacy_sentence_record(s) for s in doc.sents] for doc in docs]
+    assert "whitespace_token" in records[-4]  # the double space and the tab
+
+
 # --------------------------------------------------------------------------- the stage
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from kadapter import trex
 from kadapter.io import InputError, split_of
 from kadapter.trex import TrexConfig, build_trex_rc, read_documents, short_id
 
@@ -57,7 +58,8 @@ def make_doc(docid: str, sentences: list[str], triples: list[tuple], extra: dict
             if key in ("subject", "object"):
                 t[key] = {**t[key], **value}
                 bounds_moved = value.get("boundaries")
-                if bounds_moved and "surfaceform" not in value:  # a moved span keeps its text
+                if (bounds_moved and "surfaceform" not in value  # a moved span keeps its text
+                        and all(type(b) is int for b in bounds_moved)):
                     t[key]["surfaceform"] = text[bounds_moved[0]:bounds_moved[1]]
             else:
                 t[key] = value
@@ -422,3 +424,71 @@ def test_cli_on_the_sample_preset(tmp_path, repo_root):
          "--output_dir", str(tmp_path / "x")], cwd=repo_root, capture_output=True, text=True)
     assert failed.returncode == 2
     assert f"error: {bad}, record document 0: document is a int" in failed.stderr
+
+
+def test_typed_decoding_gives_what_plain_dicts_give(tmp_path, repo_root, monkeypatch):
+    paths = sorted((repo_root / "data/sample/trex").glob("*.json"))
+    assert all(type(trex.decode_documents(p.read_bytes())[0]) is trex._Document for p in paths)
+    typed = [trex.scan_table(str(p), 3, 0.3, frozenset({"P31"}), "raise") for p in paths]
+    monkeypatch.setattr(trex, "decode_documents", trex.plain_documents)
+    plain = [trex.scan_table(str(p), 3, 0.3, frozenset({"P31"}), "raise") for p in paths]
+    for (typed_scan, typed_table), (plain_scan, plain_table) in zip(typed, plain):
+        assert typed_table.equals(plain_table) and typed_table.num_rows
+        assert (typed_scan.entity_counts, typed_scan.stats, typed_scan.candidates) == (
+            plain_scan.entity_counts, plain_scan.stats, plain_scan.candidates)
+        assert typed_scan.docids.tolist() == plain_scan.docids.tolist()
+        assert typed_scan.doc_indexes.tolist() == plain_scan.doc_indexes.tolist()
+
+
+@pytest.mark.parametrize(("change", "reason", "message"), [
+    ({"subject": {"surfaceform": "Berlin"}}, "surfaceform_mismatch",
+     r"subject surfaceform 'Berlin' is not the text at \[\d+, \d+\]"),
+    ({"object": {"uri": "http://example.org/x"}}, "not_an_entity",
+     r"object uri 'http://example.org/x' is neither a Wikidata entity nor a typed value"),
+    ({"object": {"uri": '"1990"^^http://www.w3.org/2001/XMLSchema#dateTime'}},
+     "literal_argument", None),
+])
+@pytest.mark.parametrize("decoding", ["typed", "plain"])
+def test_input_checks_hold_in_both_decodings(tmp_path, monkeypatch, change, reason, message,
+                                             decoding):
+    """11's argument checks on the typed fast path and on the plain-dict path alike."""
+    doc = make_doc("Q1", SENTENCES, [(0, "P17", 1, change), (0, "P17", 1)])
+    path = write(tmp_path / "in/a.json", [doc])
+    assert type(trex.decode_documents(path.read_bytes())[0]) is trex._Document
+    if decoding == "plain":
+        monkeypatch.setattr(trex, "decode_documents", trex.plain_documents)
+    if message is not None:
+        with pytest.raises(InputError, match=r"document 0 \(docid .*Q1\), triple 0: " + message):
+            run(tmp_path, path)
+    manifest = run(tmp_path, path, name="skip", on_error="skip")[0]
+    assert manifest["counts"]["triples_dropped"][reason] == 1
+    assert manifest["counts"]["candidates"] == 1
+
+
+@pytest.mark.parametrize("change", [
+    {"object": {"boundaries": [60.0, 66]}},  # a float: the typed decoding refuses the file
+    {"object": {"boundaries": [60, 999]}},  # typed, the range check finds it
+])
+def test_both_decodings_name_bad_boundaries_alike(tmp_path, change):
+    doc = make_doc("Q1", SENTENCES, [(0, "P17", 1, change)])
+    path = write(tmp_path / "in/a.json", [doc])
+    with pytest.raises(InputError, match=r"document 0 \(docid .*Q1\), triple 0: boundaries "
+                                         r"\[60(\.0)?, (66|999)\] outside the text"):
+        run(tmp_path, path)
+
+
+def test_docid_hash_collisions_are_not_repeats(tmp_path, monkeypatch):
+    """Cross-file repeats are found by docid hash but confirmed on the docids: with every
+    hash equal, only the docid really in two files is a duplicate."""
+    first = write(tmp_path / "in/a.json", [make_doc("Q1", SENTENCES, [(0, "P17", 1)]),
+                                           make_doc("Q2", SENTENCES, [(2, "P17", 3)])])
+    second = write(tmp_path / "in/b.json", [make_doc("Q3", SENTENCES, [(0, "P17", 1)]),
+                                            make_doc("Q2", SENTENCES, [(2, "P17", 3)])])
+    expected = run(tmp_path, [first, second], name="hashed", on_error="skip")[0]["counts"]
+    monkeypatch.setattr(trex, "docid_hash", lambda docid: 7)
+    with pytest.raises(InputError, match=r"b.json, record document 1 \(docid .*Q2\): docid also "
+                                         r"in .*a.json"):
+        run(tmp_path, [first, second])
+    counts = run(tmp_path, [first, second], name="collided", on_error="skip")[0]["counts"]
+    assert counts == expected
+    assert counts["documents_skipped_by_reason"]["duplicate_docid"] == 1
