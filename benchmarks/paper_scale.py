@@ -121,7 +121,8 @@ def write_trex_dump(directory: Path, megabytes: float, seed: int) -> dict:
                 spans = [(start + s_at, s_name, subj), (start + o_at, o_name, obj)]
                 for at, name, q in spans:
                     entities.append({"boundaries": [at, at + len(name)], "surfaceform": name,
-                                     "uri": f"{ENTITY}{q}", "annotator": "Wikidata_Spotlight_Entity_Linker"})
+                                     # Q-ids start at 1: the stage refuses Q0 (not a Wikidata item)
+                                     "uri": f"{ENTITY}{q + 1}", "annotator": "Wikidata_Spotlight_Entity_Linker"})
                 if subj != obj:
                     doc_triples.append({
                         "sentence_id": k, "annotator": "SPOAligner",
