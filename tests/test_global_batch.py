@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from workspace import toy_table
 
 from kadapter.config import ConfigError
 from kadapter.training import (
-    FeatureTable,
     PadCollator,
     TrainingConfig,
     batch_plan,
@@ -34,16 +34,6 @@ SETTINGS = dict(learning_rate=5e-2, batch_size=8, epochs=2, log_every=3, eval_ev
                 save_every=0, max_grad_norm=1.0)
 
 
-def toy_table(count: int, seed: int) -> FeatureTable:
-    """Rows with an ``id`` column, so a run can tell which examples each step held."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for row_id in range(count):
-        ids = rng.integers(4, VOCAB, size=int(rng.integers(2, 12)))
-        label = int(rng.integers(0, CLASSES))
-        ids[0] = 1 + label
-        rows.append({"input_ids": ids.tolist(), "label": label, "id": row_id})
-    return FeatureTable.from_rows(rows, ragged=["input_ids"])
 
 
 class Toy(nn.Module):

@@ -13,10 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_finetune import config_for, workspace  # noqa: F401  (the fine-tuning fixture)
 from torch import nn
+from workspace import toy_table
 
 from kadapter.training import (
     CHECKPOINTS,
-    FeatureTable,
     PadCollator,
     Prefetcher,
     TrainingConfig,
@@ -29,15 +29,6 @@ from kadapter.training import (
 PAD, VOCAB, HIDDEN, CLASSES = 0, 30, 8, 3
 
 
-def toy_table(count: int, seed: int) -> FeatureTable:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for row_id in range(count):
-        ids = rng.integers(4, VOCAB, size=int(rng.integers(2, 12)))
-        label = int(rng.integers(0, CLASSES))
-        ids[0] = 1 + label
-        rows.append({"input_ids": ids.tolist(), "label": label, "id": row_id})
-    return FeatureTable.from_rows(rows, ragged=["input_ids"])
 
 
 class Toy(nn.Module):
