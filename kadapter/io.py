@@ -372,28 +372,34 @@ def read_json(path: str | Path) -> Any:
         raise InputError(path, None, f"not valid JSON: {err}") from err
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line of a JSON-lines file, streamed.
-
-    A line that is not valid JSON, or not a JSON object, is an InputError naming the file
-    and ``line N``; an unreadable file is a FileNotFoundError naming it.
-    """
+def jsonl_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) for each non-blank line of a file, streamed; an unreadable
+    file is a FileNotFoundError naming it."""
     try:
         handle = open(path, "rb")
     except OSError as err:
         raise FileNotFoundError(f"{path}: cannot read: {err}") from err
     with handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError as err:
-                raise InputError(path, f"line {number}", f"not valid JSON: {err}") from None
-            if not isinstance(record, dict):
-                raise InputError(path, f"line {number}",
-                                 f"expected a JSON object, got {type(record).__name__}")
-            yield number, record
+            if line.strip():
+                yield number, line
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-blank line of a JSON-lines file, streamed.
+
+    A line that is not valid JSON, or not a JSON object, is an InputError naming the file
+    and ``line N``; an unreadable file is a FileNotFoundError naming it.
+    """
+    for number, line in jsonl_lines(path):
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError as err:
+            raise InputError(path, f"line {number}", f"not valid JSON: {err}") from None
+        if not isinstance(record, dict):
+            raise InputError(path, f"line {number}",
+                             f"expected a JSON object, got {type(record).__name__}")
+        yield number, record
 
 
 class InputError(ValueError):

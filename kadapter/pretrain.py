@@ -60,14 +60,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kadapter.config import Config, ConfigError, to_plain
-from kadapter.features import pretrain_features
+from kadapter.features import parquet_chunks, pretrain_features
 from kadapter.hub import MODEL_CARD_FILE
 from kadapter.io import (
     InputError,
@@ -106,7 +104,6 @@ from kadapter.training import (
 )
 
 TASKS = ("fac", "lin")
-CHUNK_ROWS = 10_000  # rows tokenized per tokenizer call
 IGNORE_INDEX = -100
 SUBJECT_MARKER, OBJECT_MARKER = "@", "#"
 FAC_COLUMNS = ("sentence", "subj_start", "subj_end", "obj_start", "obj_end", "relation", "label")
@@ -166,21 +163,10 @@ def resolve_paths(section: PretrainConfig, task: str, preset: str) -> tuple[Path
 
 
 def read_rows(path: Path, columns: tuple[str, ...]):
-    """Yield (first row index, list of row dicts) chunks of a Parquet file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (run the data stage first: make data)")
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as err:
-        raise InputError(path, None, f"not a readable Parquet file ({err})") from None
-    missing = [c for c in columns if c not in parquet.schema_arrow.names]
-    if missing:
-        raise InputError(path, None, f"missing column(s) {missing}; have {parquet.schema_arrow.names}")
-    first = 0
-    for chunk in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=list(columns)):
-        rows = chunk.to_pylist()
-        yield first, rows
-        first += len(rows)
+    """Yield (first row index, list of row dicts) chunks of a Parquet file (the feature
+    stage's checked ``parquet_chunks``, as Python rows)."""
+    for first, batch in parquet_chunks(path, columns):
+        yield first, batch.to_pylist()
 
 
 def fac_features(path: Path, tokenizer, max_length: int, relations: list[str]

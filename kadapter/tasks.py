@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kadapter.io import InputError, read_json
+from kadapter.io import InputError, jsonl_lines, read_json
 from kadapter.spans import MarkedText, gather_positions, mark_spans, span_mean, token_span
 
 OPENENTITY_TYPES = sorted(
@@ -170,17 +170,11 @@ def _json_list(path: Path) -> list[tuple[int, Any]]:
 def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) per non-blank line; a line that is not JSON comes as a
     BadRecord, so that ``on_error: skip`` can count it and read on."""
-    try:
-        handle = open(path, "rb")
-    except OSError as err:
-        raise FileNotFoundError(f"{path}: cannot read: {err}") from err
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    yield number, orjson.loads(line)
-                except orjson.JSONDecodeError as err:
-                    yield number, BadRecord(path, f"line {number}", f"not valid JSON: {err}", "invalid_json")
+    for number, line in jsonl_lines(path):
+        try:
+            yield number, orjson.loads(line)
+        except orjson.JSONDecodeError as err:
+            yield number, BadRecord(path, f"line {number}", f"not valid JSON: {err}", "invalid_json")
 
 
 class _Record:
