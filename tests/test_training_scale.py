@@ -122,15 +122,21 @@ def test_periodic_evaluations_score_the_subset_and_the_last_one_all_of_dev(tmp_p
     assert result.dev_metrics == {"accuracy": dev[-1]["accuracy"]}
 
 
-def test_selection_compares_subset_scores_and_resume_keeps_the_sample(tmp_path):
-    straight = run(tmp_path / "a", eval_subset=12, select_metric="accuracy")
+def crash_at(call: int):
+    """A loss hook that interrupts the run at its ``call``-th loss (one per step here)."""
     calls = {"n": 0}
 
     def crash(_):
         calls["n"] += 1
-        if calls["n"] == 11:  # step 11, after the step-8 checkpoint
+        if calls["n"] == call:
             raise KeyboardInterrupt
 
+    return crash
+
+
+def test_selection_compares_subset_scores_and_resume_keeps_the_sample(tmp_path):
+    straight = run(tmp_path / "a", eval_subset=12, select_metric="accuracy")
+    crash = crash_at(11)  # step 11, after the step-8 checkpoint
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", eval_subset=12, select_metric="accuracy", loss_hook=crash)
     resumed = run(tmp_path / "b", eval_subset=12, select_metric="accuracy", resume=True)
@@ -145,13 +151,7 @@ def test_selection_compares_subset_scores_and_resume_keeps_the_sample(tmp_path):
 
 def test_checkpoints_hold_the_trained_weights_only_and_resume_exactly(tmp_path):
     reference = run(tmp_path / "a")
-    calls = {"n": 0}
-
-    def crash(_):
-        calls["n"] += 1
-        if calls["n"] == 14:  # step 14, after the step-12 checkpoint
-            raise KeyboardInterrupt
-
+    crash = crash_at(14)  # step 14, after the step-12 checkpoint
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", loss_hook=crash, keep_checkpoints=1, save_every=2)
     root = tmp_path / "b" / "run" / CHECKPOINTS
