@@ -273,11 +273,6 @@ def plain_documents(raw: bytes) -> list:
     return documents
 
 
-def read_documents(path: str | Path) -> list:
-    """One T-REx file (local path or URL) -> its list of documents (``words_boundaries`` emptied)."""
-    return plain_documents(read_bytes(path))
-
-
 # Typed decoding: only the fields the stage reads become Python objects; msgspec skips
 # the rest (words_boundaries, annotators...) without building them, 2-4x less work than
 # dicts of everything. A file whose structure or types differ anywhere from these (a

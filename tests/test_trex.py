@@ -13,7 +13,7 @@ import pytest
 
 from kadapter import trex
 from kadapter.io import InputError, split_of
-from kadapter.trex import TrexConfig, build_trex_rc, read_documents, short_id
+from kadapter.trex import TrexConfig, build_trex_rc, plain_documents, short_id
 
 ENTITY = "http://www.wikidata.org/entity/"
 PROP = "http://www.wikidata.org/prop/direct/"
@@ -400,7 +400,7 @@ def test_word_boundaries_are_dropped_before_parsing(tmp_path, indent):
     doc = make_doc("Q1", SENTENCES, [(0, "P17", 1)])
     path = tmp_path / "a.json"
     path.write_text(json.dumps([doc], indent=indent), encoding="utf-8")
-    (parsed,) = read_documents(path)
+    (parsed,) = plain_documents(path.read_bytes())
     assert parsed["words_boundaries"] == []
     assert {k: v for k, v in parsed.items() if k != "words_boundaries"} == {
         k: v for k, v in doc.items() if k != "words_boundaries"}
