@@ -214,12 +214,30 @@ def write_piece(table: pa.Table, path: str) -> str:
     from kadapter.fs import filesystem_of
 
     fs, inner = filesystem_of(path)
-    fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
+    # The driver made the directory; once it has removed it (an early stop), a parser
+    # still finishing a batch fails here instead of leaving a piece behind.
     partial = f"{inner}.partial"
     with fs.open(partial, "wb") as handle:
         pq.write_table(table, handle, compression="zstd")
     fs.mv(partial, inner)
     return path
+
+
+def remove_pieces(fs: Any, directory: str, attempts: int = 100) -> None:
+    """Remove the pieces directory. After an early stop the parsers are being killed and
+    one may still be writing or renaming a piece while the directory is removed (a file
+    vanishes, or appears, under the removal): try again until a removal succeeds."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            if fs.exists(directory):
+                fs.rm(directory, recursive=True)
+            return
+        except OSError:  # FileNotFoundError, or "directory not empty" after a late write
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
 
 
 def read_piece(path: str) -> pa.Table:
@@ -247,6 +265,8 @@ def ray_batch_results(files: list, config: Any, seed: int,
 
     batches = [{"index": index, "segments": orjson.dumps([tuple(s) for s in segments])}
                for index, segments in enumerate(deps.line_batches(files, config.batch_size))]
+    fs, inner = filesystem_of(pieces_dir)
+    fs.makedirs(inner, exist_ok=True)
     with ray_session(config.ray_address, config.workers):
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # results in input order
@@ -273,6 +293,4 @@ def ray_batch_results(files: list, config: Any, seed: int,
                                               tables)
         finally:  # done, an early stop (max_sentences) or an error: stop the parsers
             rows.close()
-            fs, inner = filesystem_of(pieces_dir)
-            if fs.exists(inner):
-                fs.rm(inner, recursive=True)
+            remove_pieces(fs, inner)
