@@ -560,8 +560,7 @@ def workdir(tmp_path_factory, tiny_model_dir):
     import torch.utils.tensorboard  # noqa: F401
     from transformers import RobertaForMaskedLM, RobertaModel, RobertaTokenizerFast  # noqa: F401
 
-    import pipelines.eval_lama  # noqa: F401
-    from kadapter import deps, pretrain, trex  # noqa: F401
+    from kadapter import deps, lama, pretrain, trex  # noqa: F401
 
     return tmp_path_factory.mktemp("kills")
 
@@ -585,9 +584,9 @@ def _pretrain(config, task, resume):
 
 
 def _lama(config):
-    from pipelines.eval_lama import main
+    from kadapter.lama import run_lama
 
-    main(config)
+    run_lama(config)
 
 
 def test_killed_data_stages_keep_the_previous_output(sample, workdir, repo_root):

@@ -550,11 +550,9 @@ def rigged_roberta_dir(tmp_path_factory) -> Path:
 
 
 def test_stage_scores_known_rankings_and_writes_recomputable_outputs(tmp_path, rigged_roberta_dir):
-    from pipelines.eval_lama import main
-
     inputs = write_probe_inputs(tmp_path)
     config = load_config(write_config(tmp_path, rigged_roberta_dir, inputs))
-    results = main(config)
+    results = lama.run_lama(config)
     out = tmp_path / "out"
 
     facts = results["facts"]
@@ -601,14 +599,12 @@ def test_stage_scores_known_rankings_and_writes_recomputable_outputs(tmp_path, r
 
 
 def test_stage_is_deterministic_and_untrained_mix_equals_encoder(tmp_path, roberta_dir):
-    from pipelines.eval_lama import main
-
     inputs = write_probe_inputs(tmp_path)
     outputs = []
     for run in ("a", "b"):
         config_path = write_config(tmp_path, roberta_dir, inputs, output_dir=str(tmp_path / run),
                                    subsets=["trex"], train_mlm_head=run == "b")
-        main(load_config(config_path))
+        lama.run_lama(load_config(config_path))
         outputs.append(tmp_path / run)
     untrained, trained = outputs
     encoder = (untrained / "trex/encoder/predictions.jsonl").read_bytes()
@@ -616,26 +612,22 @@ def test_stage_is_deterministic_and_untrained_mix_equals_encoder(tmp_path, rober
         assert (untrained / "trex" / variant / "predictions.jsonl").read_bytes() == encoder
     assert (trained / "trex/encoder/predictions.jsonl").read_bytes() == encoder
     # same inputs and seed -> same bytes
-    main(load_config(write_config(tmp_path, roberta_dir, inputs, output_dir=str(tmp_path / "c"),
-                                  subsets=["trex"], train_mlm_head=True)))
+    lama.run_lama(load_config(write_config(tmp_path, roberta_dir, inputs, output_dir=str(tmp_path / "c"),
+                                           subsets=["trex"], train_mlm_head=True)))
     for name in ("results.json", "results.md", "trex/fac+lin/predictions.jsonl", "mlm_head/mix.safetensors"):
         assert (tmp_path / "c" / name).read_bytes() == (trained / name).read_bytes(), name
 
 
 def test_stage_names_a_missing_adapter_and_its_make_target(tmp_path, roberta_dir):
-    from pipelines.eval_lama import main
-
     inputs = write_probe_inputs(tmp_path)
     config = load_config(write_config(tmp_path, roberta_dir, inputs, variants=["encoder", "lin"],
                                       lin_adapter=str(tmp_path / "nowhere")))
     with pytest.raises(FileNotFoundError, match=r"lin adapter .*nowhere.*make pretrain-lin"):
-        main(config)
+        lama.run_lama(config)
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_stage_rejects_an_adapter_of_another_encoder(tmp_path, roberta_dir):
-    from pipelines.eval_lama import main
-
     inputs = write_probe_inputs(tmp_path)
     config = load_config(write_config(tmp_path, roberta_dir, inputs, variants=["fac"]))
     other = RobertaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
@@ -643,15 +635,13 @@ def test_stage_rejects_an_adapter_of_another_encoder(tmp_path, roberta_dir):
     save_adapter(config.lama.fac_adapter, KnowledgeAdapter(shape, 16, 2), base_model="other",
                  encoder_config=other, task={"name": "fac"})
     with pytest.raises(InputError, match=r"fac-adapter: adapter does not fit this encoder \(hidden_size"):
-        main(config)
+        lama.run_lama(config)
 
 
 def test_stage_with_person_name_filter(tmp_path, roberta_dir):
-    from pipelines.eval_lama import main
-
     bert = build_toy(tmp_path / "bert", "bert", rigged=["Ulm", "Vienna", "German"])
     inputs = write_probe_inputs(tmp_path)
-    results = main(load_config(write_config(
+    results = lama.run_lama(load_config(write_config(
         tmp_path, roberta_dir, inputs, variants=["encoder"], subsets=["trex", "uhn_trex", "uhn_google_re"],
         bert_model=str(bert))))
     # P19 (city): Ulm and Vienna are guessable from the rigged BERT; P36 is not a person relation
@@ -687,13 +677,11 @@ def test_queries_beyond_the_position_table_are_dropped_not_crashed(tmp_path, rob
     # The toy RoBERTa sets no model_max_length and has 66 positions, of which RoBERTa uses 64
     # (position ids start after the pad id). With the template, a subject of n tokens makes a
     # query of n + 7: 57 tokens -> 64 (kept), 58 -> 65 (too long for the encoder).
-    from pipelines.eval_lama import main
-
     inputs = write_probe_inputs(tmp_path)
     jsonl(Path(inputs["lama_dir"]) / "TREx/P19.jsonl",
           [{"sub_label": "Albert" + " Einstein" * words, "obj_label": "Ulm"} for words in (56, 57)])
-    results = main(load_config(write_config(tmp_path, roberta_dir, inputs, variants=["encoder"],
-                                            subsets=["trex"])))
+    results = lama.run_lama(load_config(write_config(tmp_path, roberta_dir, inputs, variants=["encoder"],
+                                                     subsets=["trex"])))
     assert results["facts"]["trex"]["per_relation"]["P19"] == {
         "read": 2, "kept": 1, "dropped_by_reason": {"query_too_long": 1}}
     (kept,) = [r for r in read_rows(tmp_path / "out/trex/encoder/predictions.jsonl")
@@ -703,15 +691,13 @@ def test_queries_beyond_the_position_table_are_dropped_not_crashed(tmp_path, rob
 
 def test_predictions_hold_the_full_rank_and_mrr_counts_beyond_10(tmp_path):
     # twelve rigged winners: Ulm, the twelfth, ranks 12 for every P19 query of Einstein
-    from pipelines.eval_lama import main
-
     words = ["Paris", "Rome", "Vienna", "France", "Italy", "Austria", "German", "Italian",
              "Mexico", "capital", "born", "Ulm"]
     model_dir = build_toy(tmp_path / "rigged12", "roberta", rigged=words)
     inputs = write_probe_inputs(tmp_path)
     Path(inputs["common_vocab"]).write_text("\n".join(words) + "\n")
-    results = main(load_config(write_config(tmp_path, model_dir, inputs, variants=["encoder"],
-                                            subsets=["trex"], train_mlm_head=False)))
+    results = lama.run_lama(load_config(write_config(tmp_path, model_dir, inputs, variants=["encoder"],
+                                                     subsets=["trex"], train_mlm_head=False)))
     rows = read_rows(tmp_path / "out/trex/encoder/predictions.jsonl")
     assert [r["rank"] for r in rows if r["obj_label"] == "Ulm"] == [12]
     p19 = results["subsets"]["trex"]["encoder"]["per_relation"]["P19"]
@@ -723,13 +709,12 @@ def test_predictions_hold_the_full_rank_and_mrr_counts_beyond_10(tmp_path):
 
 def test_a_configured_bert_model_that_is_missing_is_a_clear_error(tmp_path, roberta_dir):
     from kadapter.modeling import ModelNotAvailable
-    from pipelines.eval_lama import main
 
     inputs = write_probe_inputs(tmp_path)
     config = load_config(write_config(tmp_path, roberta_dir, inputs, variants=["encoder"],
                                       subsets=["uhn_trex"], bert_model=str(tmp_path / "no/bert")))
     with pytest.raises(ModelNotAvailable, match=r"lama.bert_model .*person-name filter.*--lama.bert_model null"):
-        main(config)
+        lama.run_lama(config)
 def test_dev_blocks_are_masked_once(tiny_model_dir):
     """The MLM mix's dev loss compares like with like: the same masks at every evaluation,
     and evaluating draws nothing from the training masks' generator."""

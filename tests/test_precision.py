@@ -241,7 +241,7 @@ def test_a_task_setting_overrides_the_finetune_section(finetune_workspace):
 def test_lama_every_variant_with_a_bf16_encoder(tmp_path, tiny_model_dir):
     from transformers import AutoConfig
 
-    from pipelines.eval_lama import main
+    from kadapter.lama import run_lama
 
     save_random_adapters(tmp_path, AutoConfig.from_pretrained(str(tiny_model_dir)))
     config = load_config("configs/sample.yaml", [
@@ -250,7 +250,7 @@ def test_lama_every_variant_with_a_bf16_encoder(tmp_path, tiny_model_dir):
         "--lama.lin_adapter", str(tmp_path / "lin-adapter"),
         "--lama.output_dir", str(tmp_path / "lama")], default_section="lama")
     assert config.lama.variants == ["encoder", "fac", "lin", "fac+lin"]
-    results = main(config)
+    results = run_lama(config)
     for subset in config.lama.subsets:
         for variant in config.lama.variants:
             assert math.isfinite(results["subsets"][subset][variant]["p@1"])
@@ -283,18 +283,21 @@ def test_lama_mlm_head_training_under_cuda_style_autocast(tmp_path, tiny_model_d
     from accelerate.state import AcceleratorState
     from transformers import AutoConfig
 
-    import kadapter.training
-    from pipelines.eval_lama import main
+    from kadapter import lama
+
+    made = []
 
     def cuda_style_accelerator(config):
         AcceleratorState._reset_state()
-        return Accelerator(mixed_precision="bf16", cpu=True)
+        made.append(Accelerator(mixed_precision="bf16", cpu=True))
+        return made[-1]
 
-    monkeypatch.setattr(kadapter.training, "make_accelerator", cuda_style_accelerator)
+    monkeypatch.setattr(lama, "make_accelerator", cuda_style_accelerator)
     save_random_adapters(tmp_path, AutoConfig.from_pretrained(str(tiny_model_dir)))
-    results = main(load_config("configs/sample.yaml", [
+    results = lama.run_lama(load_config("configs/sample.yaml", [
         *BF16_ENCODER, "--lama.mlm_head.max_steps", "1", "--lama.variants", "[encoder, fac]",
         "--lama.subsets", "[trex]", "--lama.fac_adapter", str(tmp_path / "fac-adapter"),
         "--lama.output_dir", str(tmp_path / "lama")], default_section="lama"))
+    assert len(made) == 1, "the stage ran with another accelerator than the emulated one"
     assert results["mlm_head"]["trained"]
     assert math.isfinite(results["subsets"]["trex"]["fac"]["p@1"])
