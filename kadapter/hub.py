@@ -7,7 +7,8 @@ files are fetched with ``huggingface_hub.hf_hub_download`` into the usual Hub ca
 (``HF_HUB_CACHE``), ``HF_HUB_OFFLINE=1`` is honoured (cache only), and an unreachable
 Hub fails within ``HUB_TIMEOUT`` seconds with a message naming ``hf download``.
 ``push_to_hub`` writes the directory with ``save_pretrained`` into a temporary folder and
-uploads it with ``HfApi.upload_folder``.
+uploads all its files in one commit (``HfApi.create_commit``): an interrupted push leaves
+the previous version whole.
 """
 
 from __future__ import annotations
@@ -162,17 +163,26 @@ def download(repo_id: str, revision: str | None, config_file: str,
 def push_folder(save_pretrained: Callable[[Path], Any], repo_id: str, *, token: str | None = None,
                 private: bool | None = None, revision: str | None = None,
                 commit_message: str | None = None) -> Any:
-    """``save_pretrained`` into a temporary folder, then ``HfApi.upload_folder`` it."""
-    from huggingface_hub import HfApi
+    """``save_pretrained`` into a temporary folder, then every file of it in one commit.
+
+    One ``create_commit``: the files are uploaded first and the commit that makes them
+    visible comes last, so an interrupted push leaves the previous version as it was.
+    ``upload_folder`` is not used: with ``hf_xet`` installed it may split a folder into
+    several commits, and a push cut between two could leave a new config beside the
+    previous weights (a load reads both from the latest commit)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="kadapter-push-") as tmp:
         folder = Path(tmp) / repo_id.split("/")[-1]
         save_pretrained(folder)
         api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                                 commit_message=commit_message or f"Upload {folder.name} with kadapter",
-                                 ignore_patterns=[OUTPUT_MARKER])  # local bookkeeping only
+        operations = [CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(),
+                                         path_or_fileobj=str(path))
+                      for path in sorted(folder.rglob("*"))
+                      if path.is_file() and path.name != OUTPUT_MARKER]  # local bookkeeping only
+        return api.create_commit(repo_id, operations, revision=revision,
+                                 commit_message=commit_message or f"Upload {folder.name} with kadapter")
 
 
 # --------------------------------------------------------------------------- model cards
@@ -337,6 +347,6 @@ class PretrainedAdapter:
                             extra={k: v for k, v in self.config.items() if k not in own})
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Upload (``token``, ``private``, ``revision``, ``commit_message`` as for
-        ``HfApi.upload_folder``)."""
+        """Upload in one commit (``token``, ``private``, ``revision``, ``commit_message``
+        as for ``HfApi.create_commit``)."""
         return push_folder(self.save_pretrained, repo_id, **kwargs)

@@ -104,8 +104,8 @@ class FinetunedModel:
         return save_finetuned(directory, self.model, self.tokenizer, self.config)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Upload (``token``, ``private``, ``revision``, ``commit_message`` as for
-        ``HfApi.upload_folder``)."""
+        """Upload in one commit (``token``, ``private``, ``revision``, ``commit_message``
+        as for ``HfApi.create_commit``)."""
         from kadapter.hub import push_folder
 
         return push_folder(self.save_pretrained, repo_id, **kwargs)

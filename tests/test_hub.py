@@ -2,8 +2,8 @@
 
 No network: loading by Hub id goes through huggingface_hub's real download code
 (``hf_hub_download``) on a local cache laid out as the Hub leaves it
-(``models--owner--name/{refs/main, snapshots/<commit>/...}``); pushing is checked on the
-folder ``HfApi.upload_folder`` is handed.
+(``models--owner--name/{refs/main, snapshots/<commit>/...}``); pushing goes to a fake Hub
+that keeps a branch of commits (``FakeHub``: ``HfApi``'s upload calls replaced).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import socket
 import stat
 import threading
 import time
+from fnmatch import fnmatch
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -35,6 +37,55 @@ def populate_cache(cache, repo_id: str, folder, commit: str = COMMIT):
     (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "refs" / "main").write_text(commit)
     return root / "snapshots" / commit
+
+
+class FakeHub:
+    """One Hub repository's branch as a push sees it: a list of commits, each the previous
+    one's files updated by those it commits. After ``drop_after`` more file transfers the
+    connection drops (ConnectionError)."""
+
+    def __init__(self) -> None:
+        self.commits: list[dict[str, bytes]] = []
+        self.drop_after: int | None = None
+
+    def _transfer(self, path) -> bytes:
+        if self.drop_after is not None:
+            if self.drop_after == 0:
+                raise ConnectionError("connection to the Hub dropped")
+            self.drop_after -= 1
+        return Path(path).read_bytes()
+
+    def _commit(self, files: dict[str, bytes]) -> str:
+        self.commits.append({**(self.commits[-1] if self.commits else {}), **files})
+        return f"commit-{len(self.commits)}"
+
+    def install(self, monkeypatch) -> FakeHub:
+        fake = self
+
+        def create_commit(api, repo_id, operations, **kwargs):
+            # every file is uploaded first; the commit that makes them visible comes last
+            files = {op.path_in_repo: fake._transfer(op.path_or_fileobj) for op in operations}
+            return fake._commit(files)
+
+        def upload_folder(api, *, repo_id, folder_path, ignore_patterns=(), **kwargs):
+            # huggingface_hub >= 2 with hf_xet: a folder goes in batches, one commit each (a
+            # batch closes at a size or after MAX_COMMIT_INTERVAL); here one file per batch
+            for path in sorted(Path(folder_path).rglob("*")):
+                if path.is_file() and not any(fnmatch(path.name, p) for p in ignore_patterns):
+                    last = fake._commit({path.relative_to(folder_path).as_posix(): fake._transfer(path)})
+            return last
+
+        monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kwargs: None)
+        monkeypatch.setattr(HfApi, "create_commit", create_commit)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        return self
+
+    def checkout(self, folder: Path) -> Path:
+        """The latest commit's files written into ``folder``."""
+        for name, data in self.commits[-1].items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        return folder
 
 
 @pytest.fixture()
@@ -175,25 +226,36 @@ def test_a_missing_local_path_is_not_sent_to_the_hub(tmp_path):
 
 
 def test_push_uploads_the_saved_folder(adapter_dir, monkeypatch, tmp_path):
-    calls = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        calls["created"] = repo_id
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        calls["uploaded"] = repo_id
-        # what the Hub receives: the folder less the ignored patterns (the output marker)
-        shutil.copytree(folder_path, tmp_path / "uploaded",
-                        ignore=shutil.ignore_patterns(*kwargs.get("ignore_patterns") or []))
-        return "commit-url"
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    fake = FakeHub().install(monkeypatch)
     adapter = PretrainedAdapter.from_pretrained(adapter_dir)
-    assert adapter.push_to_hub("someone/fac-adapter") == "commit-url"
-    assert calls == {"created": "someone/fac-adapter", "uploaded": "someone/fac-adapter"}
-    uploaded = tmp_path / "uploaded"
+    assert adapter.push_to_hub("someone/fac-adapter") == "commit-1"
+    # what the Hub holds: the folder less the output marker (local bookkeeping)
+    uploaded = fake.checkout(tmp_path / "uploaded")
     assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "adapter.safetensors",
                                                           "adapter_config.json"]
     assert same_weights(PretrainedAdapter.from_pretrained(uploaded).adapter, adapter.adapter)
     assert ModelCard.load(uploaded / "README.md").data.library_name == "kadapter"
+
+
+def test_an_interrupted_push_leaves_the_previous_adapter_whole(adapter_dir, monkeypatch, tmp_path):
+    """A retrained adapter (same shape, other weights and metrics) pushed over the previous
+    one: a connection lost mid-push must not leave a commit that mixes the two (a load reads
+    config and weights from the latest commit); the push run again completes it."""
+    fake = FakeHub().install(monkeypatch)
+    PretrainedAdapter.from_pretrained(adapter_dir).push_to_hub("someone/fac-adapter")
+    previous = fake.commits[-1]
+    retrained = PretrainedAdapter.from_pretrained(adapter_dir)
+    with torch.no_grad():
+        for parameter in retrained.adapter.parameters():
+            parameter.add_(1.0)
+    retrained.config["task"]["dev_metrics"] = {"accuracy": 0.75}
+    for transfers in (0, 1, 2):  # lost at the first, second or last of the three files
+        fake.drop_after = transfers
+        with pytest.raises(ConnectionError):
+            retrained.push_to_hub("someone/fac-adapter")
+        assert fake.commits[-1] == previous, f"half a push visible after {transfers} file(s)"
+    fake.drop_after = None
+    retrained.push_to_hub("someone/fac-adapter")
+    loaded = PretrainedAdapter.from_pretrained(fake.checkout(tmp_path / "pushed"))
+    assert same_weights(loaded.adapter, retrained.adapter)
+    assert loaded.config["task"]["dev_metrics"] == {"accuracy": 0.75}

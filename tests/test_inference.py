@@ -11,7 +11,7 @@ import stat
 import pytest
 import torch
 import yaml
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import ModelCard
 from workspace import copy_sample_splits, save_random_adapters
 
 from kadapter.config import load_config
@@ -168,21 +168,13 @@ def test_changed_adapter_is_refused(workspace, tmp_path):
 
 
 def test_hub_round_trip_and_push_folder(workspace, tmp_path, monkeypatch):
-    from tests.test_hub import COMMIT, populate_cache
+    from tests.test_hub import COMMIT, FakeHub, populate_cache
 
     model = load_finetuned(saved_model(workspace, "typing", ["fac"])[0])
-    uploaded = {}
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        uploaded[repo_id] = tmp_path / "uploaded"
-        # what the Hub receives: the folder less the ignored patterns (the output marker)
-        shutil.copytree(folder_path, uploaded[repo_id],
-                        ignore=shutil.ignore_patterns(*kwargs.get("ignore_patterns") or []))
-
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    fake = FakeHub().install(monkeypatch)
     model.push_to_hub("someone/typing-fac")
-    folder = uploaded["someone/typing-fac"]
+    assert len(fake.commits) == 1
+    folder = fake.checkout(tmp_path / "uploaded")  # the folder less the output marker
     listed = json.loads((folder / "kadapter_model.json").read_text())["files"]
     assert sorted(listed) == sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                                     if p.is_file() and p.name != "kadapter_model.json")
