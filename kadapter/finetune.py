@@ -17,6 +17,7 @@ that is renamed into place only when everything is written.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -233,6 +234,23 @@ def variant_settings(config: Config, task_name: str, variant: str) -> TaskConfig
 def variant_combine(config: Config, variant: str) -> str:
     """The Combiner mode of a variant's runs."""
     return NAMED_VARIANTS[variant][1] if variant in NAMED_VARIANTS else config.finetune.combine
+
+
+def seed_configs(config: Config) -> list[Config]:
+    """One config per seed of ``finetune.seeds`` (its own output trees: fine-tuning runs and
+    AdapterDrop scores), or the config itself."""
+    if config.finetune.seeds is None:
+        return [config]
+    configs = []
+    for seed in config.finetune.seeds:
+        seeded = copy.deepcopy(config)
+        seeded.seed = seed
+        seeded.finetune.output_dir = str(Path(config.finetune.output_dir) / f"seed-{seed}")
+        seeded.finetune.seeds = None
+        if "adapterdrop" in seeded.sections:  # its scores per seed too
+            seeded.adapterdrop.output_dir = str(Path(config.adapterdrop.output_dir) / f"seed-{seed}")
+        configs.append(seeded)
+    return configs
 
 
 def run_dir(config: Config, task_name: str, variant: str) -> Path:
