@@ -154,15 +154,16 @@ def run_adapterdrop(config: Config) -> dict[str, Any]:
                     missing.append({"task": task_name, "variant": variant, "seed": seeded.seed,
                                     "run": str(run)})
                     continue
-                key = fingerprint_of({"run": read_json(manifest).get("fingerprint"),
-                                      "drops": settings.drops, "batch_size": settings.batch_size})
+                run_fingerprint = read_json(manifest).get("fingerprint")
+                key = fingerprint_of({"run": run_fingerprint, "drops": settings.drops,
+                                      "batch_size": settings.batch_size})
                 path = result_path(seeded, task_name, variant)
                 if path.is_file() and read_json(path).get("fingerprint") == key:
                     print(f"{name}: up to date ({path})")
                     results.append(read_json(path))
                     continue
                 result = {**evaluate_run(seeded, task_name, variant), "seed": seeded.seed,
-                          "fingerprint": key}
+                          "run_fingerprint": run_fingerprint, "fingerprint": key}
                 atomic_write_json(path, result)
                 metric = result["main_metric"]
                 summary = ", ".join(f"{label} {_split_score(scores, metric)}"
@@ -187,9 +188,10 @@ def _split_score(scores: dict[str, Any], metric: str) -> str:
 
 def drop_rows(config: Config) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
     """(task, variant, dropped positions) -> one metrics dict per seed (dev, test,
-    main_metric, seed) of every AdapterDrop result found, for the results table; empty
-    when the preset has no adapterdrop section."""
-    from kadapter.finetune import VARIANTS, seed_configs
+    main_metric, seed) of every AdapterDrop result found whose fine-tuned run is still the
+    one it evaluated (a run redone since is left out until AdapterDrop runs again), for the
+    results table; empty when the preset has no adapterdrop section."""
+    from kadapter.finetune import VARIANTS, run_dir, seed_configs
     from kadapter.tasks import TASKS
 
     rows: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -201,6 +203,10 @@ def drop_rows(config: Config) -> dict[tuple[str, str, str], list[dict[str, Any]]
             if not path.is_file():
                 continue
             result = read_json(path)
+            manifest = run_dir(seeded, task_name, variant) / "manifest.json"
+            if not manifest.is_file() or read_json(manifest).get("fingerprint") != result.get(
+                    "run_fingerprint"):
+                continue
             for label, scores in result["scores"].items():
                 if label != "none":
                     rows.setdefault((task_name, variant, label), []).append(

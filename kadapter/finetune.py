@@ -148,6 +148,10 @@ class FinetuneConfig:
     combine: Literal["concat", "add", "fusion"] = "concat"
     """How adapter outputs join the encoder's last state (kadapter.modeling.Combiner); the
     ``fusion`` variant uses ``fusion`` whatever this says."""
+    fusion_train_encoder: bool = False
+    """The ``fusion`` variant: false (Pfeiffer et al., 2021) trains only the fusion layer and
+    the task head, encoder and adapters frozen; true fine-tunes the encoder too, as every
+    other variant does."""
     adapter_dropout: bool = False
     """Dropout inside the frozen adapters while fine-tuning: false (ours) runs them in eval
     mode, as fixed feature extractors; true keeps their dropout on in training, as the
@@ -253,6 +257,11 @@ def seed_configs(config: Config) -> list[Config]:
     return configs
 
 
+def variant_trains_encoder(config: Config, variant: str) -> bool:
+    """Whether a variant's runs fine-tune the encoder (all but fusion's own choice)."""
+    return variant != "fusion" or config.finetune.fusion_train_encoder
+
+
 def run_dir(config: Config, task_name: str, variant: str) -> Path:
     return Path(config.finetune.output_dir) / task_name / VARIANTS[variant][0]
 
@@ -289,6 +298,7 @@ def run_fingerprint(config: Config, task_name: str, variant: str) -> str:
     return fingerprint_of({
         "task": task_name, "variant": variant, "settings": to_plain(settings), "seed": config.seed,
         "model": to_plain(config.model), "combine": variant_combine(config, variant),
+        **({"train_encoder": config.finetune.fusion_train_encoder} if variant == "fusion" else {}),
         "adapter_dropout": config.finetune.adapter_dropout,
         "data": {split: file_fingerprint(path) for split, path in files.items() if path.is_file()},
         "adapters": adapter_fingerprints(config, variant),
@@ -307,17 +317,19 @@ def adapter_fingerprints(config: Config, variant: str) -> dict[str, list[dict[st
 
 
 class FinetuneModel(nn.Module):
-    """Encoder (trainable) + frozen adapters -> Combiner -> task head -> logits.
+    """Encoder (trainable unless ``train_encoder`` is false) + frozen adapters -> Combiner ->
+    task head -> logits.
 
     ``adapter_dropout``: the frozen adapters follow the model's train/eval mode (their
     dropout is on in training, as in the original) instead of staying in eval mode."""
 
     def __init__(self, encoder: nn.Module, adapters: dict[str, nn.Module], head: nn.Module,
-                 combine: Literal["concat", "add", "fusion"], adapter_dropout: bool = False):
+                 combine: Literal["concat", "add", "fusion"], adapter_dropout: bool = False,
+                 train_encoder: bool = True):
         from kadapter.modeling import Combiner, KAdapterModel
 
         super().__init__()
-        self.kadapter = KAdapterModel(encoder, adapters, freeze_encoder=False,
+        self.kadapter = KAdapterModel(encoder, adapters, freeze_encoder=not train_encoder,
                                       frozen_adapters=list(adapters))
         self.combiner = Combiner(list(adapters), encoder.config.hidden_size, mode=combine,
                                  fusion_dropout=getattr(encoder.config, "attention_probs_dropout_prob", 0.1))
@@ -534,7 +546,8 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
     head = task.head(encoder.config.hidden_size, len(data.labels), settings.dropout, settings.pooling,
                      settings.classifier)
     combine = variant_combine(config, variant)
-    model = FinetuneModel(encoder, loaded, head, combine, config.finetune.adapter_dropout)
+    model = FinetuneModel(encoder, loaded, head, combine, config.finetune.adapter_dropout,
+                          train_encoder=variant_trains_encoder(config, variant))
     metric = main_metric(task.metric)
     pad_id = tokenizer.pad_token_id
     dev = data.encoded["dev"]
@@ -589,6 +602,7 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
             },
             "parameters": {"settings": to_plain(settings), "training": to_plain(loop_config),
                            "combine": combine,
+                           "train_encoder": variant_trains_encoder(config, variant),
                            "adapter_dropout": config.finetune.adapter_dropout, "seed": config.seed,
                            "processes": accelerator.num_processes,
                            "precision": precision_of(settings).to_dict()},

@@ -111,7 +111,7 @@ def test_fusion_model_with_one_hot_attention_equals_the_add_model(workspace, tin
     assert not any(p.requires_grad for p in fused.kadapter.adapters.parameters())
 
 
-def test_fusion_variant_runs_and_reloads(workspace):  # noqa: F811
+def test_fusion_variant_runs_and_reloads(workspace, tiny_model_dir):  # noqa: F811
     config = config_for(workspace, "--finetune.combine", "add")
     assert canonical_variant("fusion") == "fusion"
     assert canonical_variant(" fusion ") == "fusion"
@@ -127,6 +127,18 @@ def test_fusion_variant_runs_and_reloads(workspace):  # noqa: F811
     assert manifest["variant"] == "fusion" and manifest["parameters"]["combine"] == "fusion"
     assert manifest["fingerprint"] == run_fingerprint(config, "typing", "fusion")
     assert set(manifest["inputs"]["adapters"]) == {"fac", "lin"}
+    # Pfeiffer et al.: only the fusion layer and the head train, the encoder stays as loaded
+    hidden = 64
+    fusion_size = 2 * (hidden * hidden + hidden) + hidden * hidden
+    head = manifest["trainable_parameters"] - fusion_size
+    assert manifest["parameters"]["train_encoder"] is False and 0 < head < 10 * hidden * 9
+    from safetensors.torch import load_file
+
+    trained = load_file(str(out / "best/model.safetensors"))
+    name = "kadapter.encoder.encoder.layer.23.output.dense.weight"
+    assert torch.equal(trained[name], load_encoder(str(tiny_model_dir)).state_dict()[name[len("kadapter.encoder."):]])
+    assert run_fingerprint(config_for(workspace, "--finetune.fusion_train_encoder", "true"), "typing",
+                           "fusion") != run_fingerprint(config, "typing", "fusion")
     from kadapter.inference import load_finetuned
 
     model = load_finetuned(out / "model")
