@@ -217,7 +217,7 @@ def canonical_variant(adapters: str) -> str:
     if names == ["none"]:
         return "none"
     if not names or any(name not in ADAPTER_NAMES for name in names):
-        raise ValueError(f"adapters {adapters!r} must be none, fac, lin, fac,lin or a named variant "
+        raise ValueError(f"adapters {adapters!r} must be none, fac, lin or fac,lin, or a named variant "
                          f"({', '.join(k for k in VARIANTS if ',' not in k and k not in ('none', *ADAPTER_NAMES))})")
     return ",".join(names)
 

@@ -11,9 +11,12 @@ pipelines.finetune --config <resolved config> --task T --adapters A``), so multi
 launchers work and every run starts with fresh memory; without one they run here.
 
 Then it reads the metrics.json of every run found under finetune.output_dir and writes
-finetune.results (results.md): rows encoder, +F, +L, +F+L; columns each task's metrics on test (on dev where the test file
-is unlabelled, as CommonsenseQA's and CosmosQA's are), the same on dev, and the paper's
-figures for reference; plus results.png, the main metric per task and variant.
+finetune.results (results.md): a row per variant (encoder, +F, +L, +F+L, +F+L fusion, ...;
+one without runs shows –) and, after its variant, each AdapterDrop setting scored by
+pipelines.adapterdrop; columns each task's metrics on test (on dev where the test file
+is unlabelled, as CommonsenseQA's and CosmosQA's are) and the trainable parameters of
+the knowledge stage and of fine-tuning, the same on dev, and the paper's figures for
+reference; plus results.png, the main metric per task and variant.
 
 With ``finetune.seeds: [1, 2, 3]`` every run is repeated per seed, each seed in its own
 tree ``<output_dir>/seed-<n>/<task>/<variant>/``, and every cell of results.md and bar of
