@@ -339,7 +339,7 @@ def plot_results(runs: dict[tuple[str, str], Any], tasks: list[str], variants: l
     runs, baselines = _by_seed(runs), baselines or {}
     tasks = [task for task in tasks if any((task, variant) in runs for variant in variants)]
     series = [s for s in _series(runs, variants, drops or {}) if any(t in s[3] for t in tasks)]
-    figure, axes = plt.subplots(figsize=(max(8.0, 2.4 + 2.2 * len(tasks) * max(1, len(series) / 6)),
+    figure, axes = plt.subplots(figsize=(max(8.0, 2.4 + 2.2 * len(tasks) * max(1, len(series) / 8)),
                                          4.8))
     width = 0.8 / max(len(series), 1)
     seed_counts = {len(seeds) for seeds in runs.values()}
@@ -385,8 +385,11 @@ def plot_results(runs: dict[tuple[str, str], Any], tasks: list[str], variants: l
     axes.set_ylim(0, 105)
     seeds_note = (f", mean ± std over {max(seed_counts)} seeds" if max(seed_counts, default=1) > 1
                   else "")
-    axes.set_title(f"Fine-tuning, preset {preset}: main metric per task{seeds_note}", pad=34)
-    axes.legend(ncols=min(len(series) + 2, 6), loc="upper center", bbox_to_anchor=(0.5, 1.11),
+    columns = min(len(series) + 2, 7)
+    legend_rows = -(-(len(series) + 2) // columns)  # above the bars, under the title
+    axes.set_title(f"Fine-tuning, preset {preset}: main metric per task{seeds_note}",
+                   pad=10 + 14 * legend_rows)
+    axes.legend(ncols=columns, loc="lower center", bbox_to_anchor=(0.5, 1.0),
                 frameon=False, fontsize=8)
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
