@@ -44,13 +44,14 @@ FEATURES := $(PROC)/features
 FT_TASKS := typing figer csqa cosmosqa tacred
 FEATURES_FT := $(foreach t,$(FT_TASKS),$(FEATURES)/$(t).json)
 FINETUNE := $(RUNS)/results.md
+ADAPTERDROP := $(RUNS)/adapterdrop/results.json
 LAMA := $(RUNS)/lama/results.json
 
 .PHONY: all setup test lint data data-trex data-deps features pretrain pretrain-fac pretrain-lin \
 	finetune finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred \
-	eval-lama report bench bench-scale tiny-model clean
+	adapterdrop eval-lama report bench bench-scale tiny-model clean
 
-all: data pretrain finetune eval-lama
+all: data pretrain finetune adapterdrop eval-lama
 
 setup: $(SETUP)
 $(SETUP): pyproject.toml
@@ -106,6 +107,12 @@ $(FINETUNE): $(FAC) $(LIN) $(FEATURES_FT) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelin
 finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred: finetune-%: $(FAC) $(LIN) $(FEATURES)/%.json $(MODEL_DEPS)
 	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(FINETUNE_LAUNCH)" --tasks "[$(subst finetune-,,$@)]"
 
+# AdapterDrop: the fine-tuned runs re-predicted with the lowest adapter layers dropped; it
+# rewrites results.md with the drop rows, then writes its stamp (results.json) last.
+adapterdrop: $(ADAPTERDROP)
+$(ADAPTERDROP): $(FINETUNE) $(CONFIG) $(LIB) pipelines/adapterdrop.py pipelines/finetune_all.py
+	$(PY) -m pipelines.adapterdrop --config $(CONFIG)
+
 eval-lama: $(LAMA)
 $(LAMA): $(FAC) $(LIN) $(MODEL_DEPS) $(CONFIG) $(LIB) $(SAMPLE) pipelines/eval_lama.py
 	$(PY) -m pipelines.eval_lama --config $(CONFIG)
@@ -119,6 +126,7 @@ bench: $(SETUP)
 	$(PY) benchmarks/deps_throughput.py
 	$(PY) benchmarks/pretrain_throughput.py
 	$(PY) benchmarks/engines.py
+	$(PY) benchmarks/adapterdrop.py
 
 # Synthetic inputs at three sizes (x4 each): T-REx stage, feature stage, fine-tuning load.
 # Full ladder by default (~10 min on 2 quiet cores); BENCH_SCALE_ARGS="--top 0.25" for a quarter.

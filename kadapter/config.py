@@ -41,6 +41,7 @@ SECTIONS: dict[str, str] = {
     "pretrain_fac": "kadapter.pretrain:PretrainConfig",
     "pretrain_lin": "kadapter.pretrain:PretrainConfig",
     "finetune": "kadapter.finetune:FinetuneConfig",
+    "adapterdrop": "kadapter.adapterdrop:AdapterDropConfig",
     "lama": "kadapter.lama:LamaConfig",
 }
 TOP_LEVEL = {"preset": str, "seed": int}

@@ -17,6 +17,7 @@ that is renamed into place only when everything is written.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -59,7 +60,9 @@ ADAPTER_NAMES = ("fac", "lin")
 MODEL_DIR = "model"  # the run's loadable model directory (kadapter.inference.load_finetuned)
 # --adapters value -> (run directory name, row label of the results table)
 VARIANTS = {"none": ("encoder", "encoder"), "fac": ("fac", "+F"), "lin": ("lin", "+L"),
-            "fac,lin": ("fac+lin", "+F+L")}
+            "fac,lin": ("fac+lin", "+F+L"), "fusion": ("fac+lin-fusion", "+F+L fusion")}
+# named variants -> (adapters, combine mode whatever finetune.combine says)
+NAMED_VARIANTS = {"fusion": ("fac,lin", "fusion")}
 
 
 @dataclass
@@ -109,7 +112,7 @@ class TaskConfig(TrainingConfig):
     --negative_sample); None = keep all."""
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-variant settings that differ from the above, keyed by variant (none, fac,
-    lin, fac,lin), e.g. {fac: {learning_rate: 5.0e-6, warmup_steps: 500}}."""
+    lin, fac,lin, fusion), e.g. {fac: {learning_rate: 5.0e-6, warmup_steps: 500}}."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,7 +134,8 @@ class FinetuneConfig:
     task: Literal["typing", "figer", "csqa", "cosmosqa", "tacred"] = "typing"
     """Task of a single run (pipelines.finetune)."""
     adapters: str = "none"
-    """Adapters of a single run: none, fac, lin or fac,lin."""
+    """Adapters of a single run: none, fac, lin, fac,lin, or a named variant (fusion: fac and
+    lin joined by AdapterFusion)."""
     tasks: list[str] = field(default_factory=lambda: ["typing", "figer", "csqa", "cosmosqa", "tacred"])
     """Tasks run by pipelines.finetune_all."""
     variants: list[str] = field(default_factory=lambda: ["none", "fac", "lin", "fac,lin"])
@@ -141,8 +145,13 @@ class FinetuneConfig:
     or a Hub id (``owner/name``, ``owner/name@revision``)."""
     lin_adapter: str = "runs/{preset}/lin-adapter"
     """The linguistic adapter: a directory or a Hub id."""
-    combine: Literal["concat", "add"] = "concat"
-    """How adapter outputs join the encoder's last state (kadapter.modeling.Combiner)."""
+    combine: Literal["concat", "add", "fusion"] = "concat"
+    """How adapter outputs join the encoder's last state (kadapter.modeling.Combiner); the
+    ``fusion`` variant uses ``fusion`` whatever this says."""
+    fusion_train_encoder: bool = False
+    """The ``fusion`` variant: false (Pfeiffer et al., 2021) trains only the fusion layer and
+    the task head, encoder and adapters frozen; true fine-tunes the encoder too, as every
+    other variant does."""
     adapter_dropout: bool = False
     """Dropout inside the frozen adapters while fine-tuning: false (ours) runs them in eval
     mode, as fixed feature extractors; true keeps their dropout on in training, as the
@@ -200,12 +209,16 @@ class FinetuneConfig:
 
 
 def canonical_variant(adapters: str) -> str:
-    """``fac,lin`` / ``lin, fac`` -> ``fac,lin``; ``none`` stays; anything else is an error."""
+    """``fac,lin`` / ``lin, fac`` -> ``fac,lin``; ``none`` and a named variant (a VARIANTS
+    key without a comma, e.g. ``fusion``) stay; anything else is an error."""
+    if adapters.strip() in VARIANTS and "," not in adapters:
+        return adapters.strip()
     names = sorted({name.strip() for name in adapters.split(",") if name.strip()})
     if names == ["none"]:
         return "none"
     if not names or any(name not in ADAPTER_NAMES for name in names):
-        raise ValueError(f"adapters {adapters!r} must be none, fac, lin or fac,lin")
+        raise ValueError(f"adapters {adapters!r} must be none, fac, lin or fac,lin, or a named variant "
+                         f"({', '.join(k for k in VARIANTS if ',' not in k and k not in ('none', *ADAPTER_NAMES))})")
     return ",".join(names)
 
 
@@ -222,6 +235,33 @@ def variant_settings(config: Config, task_name: str, variant: str) -> TaskConfig
     return build(TaskConfig, merged, f"{config.source}:finetune.{task_name}.overrides.{variant}")
 
 
+def variant_combine(config: Config, variant: str) -> str:
+    """The Combiner mode of a variant's runs."""
+    return NAMED_VARIANTS[variant][1] if variant in NAMED_VARIANTS else config.finetune.combine
+
+
+def seed_configs(config: Config) -> list[Config]:
+    """One config per seed of ``finetune.seeds`` (its own output trees: fine-tuning runs and
+    AdapterDrop scores), or the config itself."""
+    if config.finetune.seeds is None:
+        return [config]
+    configs = []
+    for seed in config.finetune.seeds:
+        seeded = copy.deepcopy(config)
+        seeded.seed = seed
+        seeded.finetune.output_dir = str(Path(config.finetune.output_dir) / f"seed-{seed}")
+        seeded.finetune.seeds = None
+        if "adapterdrop" in seeded.sections:  # its scores per seed too
+            seeded.adapterdrop.output_dir = str(Path(config.adapterdrop.output_dir) / f"seed-{seed}")
+        configs.append(seeded)
+    return configs
+
+
+def variant_trains_encoder(config: Config, variant: str) -> bool:
+    """Whether a variant's runs fine-tune the encoder (all but fusion's own choice)."""
+    return variant != "fusion" or config.finetune.fusion_train_encoder
+
+
 def run_dir(config: Config, task_name: str, variant: str) -> Path:
     return Path(config.finetune.output_dir) / task_name / VARIANTS[variant][0]
 
@@ -231,7 +271,8 @@ def adapter_sources(config: Config, variant: str) -> dict[str, str]:
     if variant == "none":
         return {}
     paths = {"fac": config.finetune.fac_adapter, "lin": config.finetune.lin_adapter}
-    return {name: paths[name] for name in variant.split(",")}
+    names = NAMED_VARIANTS[variant][0] if variant in NAMED_VARIANTS else variant
+    return {name: paths[name] for name in names.split(",")}
 
 
 def adapter_dirs(config: Config, variant: str) -> dict[str, Path]:
@@ -256,7 +297,8 @@ def run_fingerprint(config: Config, task_name: str, variant: str) -> str:
     files = data_files(TASKS[task_name], settings, task_name)
     return fingerprint_of({
         "task": task_name, "variant": variant, "settings": to_plain(settings), "seed": config.seed,
-        "model": to_plain(config.model), "combine": config.finetune.combine,
+        "model": to_plain(config.model), "combine": variant_combine(config, variant),
+        **({"train_encoder": config.finetune.fusion_train_encoder} if variant == "fusion" else {}),
         "adapter_dropout": config.finetune.adapter_dropout,
         "data": {split: file_fingerprint(path) for split, path in files.items() if path.is_file()},
         "adapters": adapter_fingerprints(config, variant),
@@ -275,19 +317,22 @@ def adapter_fingerprints(config: Config, variant: str) -> dict[str, list[dict[st
 
 
 class FinetuneModel(nn.Module):
-    """Encoder (trainable) + frozen adapters -> Combiner -> task head -> logits.
+    """Encoder (trainable unless ``train_encoder`` is false) + frozen adapters -> Combiner ->
+    task head -> logits.
 
     ``adapter_dropout``: the frozen adapters follow the model's train/eval mode (their
     dropout is on in training, as in the original) instead of staying in eval mode."""
 
     def __init__(self, encoder: nn.Module, adapters: dict[str, nn.Module], head: nn.Module,
-                 combine: Literal["concat", "add"], adapter_dropout: bool = False):
+                 combine: Literal["concat", "add", "fusion"], adapter_dropout: bool = False,
+                 train_encoder: bool = True):
         from kadapter.modeling import Combiner, KAdapterModel
 
         super().__init__()
-        self.kadapter = KAdapterModel(encoder, adapters, freeze_encoder=False,
+        self.kadapter = KAdapterModel(encoder, adapters, freeze_encoder=not train_encoder,
                                       frozen_adapters=list(adapters))
-        self.combiner = Combiner(list(adapters), encoder.config.hidden_size, mode=combine)
+        self.combiner = Combiner(list(adapters), encoder.config.hidden_size, mode=combine,
+                                 fusion_dropout=getattr(encoder.config, "attention_probs_dropout_prob", 0.1))
         self.head = head
         self.adapter_dropout = adapter_dropout
 
@@ -500,7 +545,9 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
     loaded = load_adapters(config, variant, encoder.config)
     head = task.head(encoder.config.hidden_size, len(data.labels), settings.dropout, settings.pooling,
                      settings.classifier)
-    model = FinetuneModel(encoder, loaded, head, config.finetune.combine, config.finetune.adapter_dropout)
+    combine = variant_combine(config, variant)
+    model = FinetuneModel(encoder, loaded, head, combine, config.finetune.adapter_dropout,
+                          train_encoder=variant_trains_encoder(config, variant))
     metric = main_metric(task.metric)
     pad_id = tokenizer.pad_token_id
     dev = data.encoded["dev"]
@@ -526,7 +573,7 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
         description=f"{task_name} {VARIANTS[variant][1]}",
         batch_key=batch_key,
         stage="finetune",
-        run_config={"model": config.model.name_or_path, "combine": config.finetune.combine,
+        run_config={"model": config.model.name_or_path, "combine": combine,
                     "adapters": adapter_fingerprints(config, variant)},
     )
 
@@ -554,7 +601,8 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
                 "adapters": adapter_fingerprints(config, variant),
             },
             "parameters": {"settings": to_plain(settings), "training": to_plain(loop_config),
-                           "combine": config.finetune.combine,
+                           "combine": combine,
+                           "train_encoder": variant_trains_encoder(config, variant),
                            "adapter_dropout": config.finetune.adapter_dropout, "seed": config.seed,
                            "processes": accelerator.num_processes,
                            "precision": precision_of(settings).to_dict()},
@@ -601,7 +649,7 @@ def save_model_dir(directory: Path, config: Config, task_name: str, variant: str
     base = config.model.name_or_path
     info = finetuned_config(
         task=task_name, variant=variant, labels=labels, settings=settings,
-        combine=config.finetune.combine, adapters=adapter_sources(config, variant),
+        combine=variant_combine(config, variant), adapters=adapter_sources(config, variant),
         base_model=base, base_model_revision=model_revision(model.kadapter.encoder.config._name_or_path),
         tokenizer_name=base, metrics={split: summary[split] for split in ("dev", "test")},
         data={split: file_fingerprint(path) for split, path in files.items()},

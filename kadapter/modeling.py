@@ -185,6 +185,17 @@ class KnowledgeAdapter(nn.Module):
                 for proj in self.fuse:
                     proj.weight.copy_(torch.cat([eye, eye], dim=1))
                     proj.bias.zero_()
+        self.dropped_positions: frozenset[int] = frozenset()
+
+    def drop_positions(self, positions: list[int] | tuple[int, ...] = ()) -> None:
+        """AdapterDrop (Rücklé et al., 2021) at inference: skip the adapter layers at these
+        positions; the next layer gets its encoder state + the last computed output (zeros
+        if none), so an empty list is the full adapter."""
+        bad = sorted(set(positions) - set(self.config.positions))
+        if bad:
+            raise ValueError(f"cannot drop adapter positions {bad}: this adapter's layers sit at "
+                             f"{self.config.positions} ({POSITION_CONVENTION})")
+        self.dropped_positions = frozenset(positions)
 
     def forward(
         self, hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor
@@ -193,6 +204,8 @@ class KnowledgeAdapter(nn.Module):
         key_mask = attention_mask.bool()[:, None, None, :]
         previous = None
         for i, (position, layer) in enumerate(zip(self.config.positions, self.layers)):
+            if position in self.dropped_positions:
+                continue
             state = hidden_states[position].to(dtype)
             if previous is None:
                 previous = torch.zeros_like(state)
@@ -201,6 +214,8 @@ class KnowledgeAdapter(nn.Module):
             else:
                 fused = self.fuse[i](torch.cat([state, previous], dim=-1))
             previous = layer(fused, key_mask)
+        if previous is None:  # every layer dropped: the adapter adds nothing
+            previous = torch.zeros_like(hidden_states[-1], dtype=dtype)
         return previous
 
 
@@ -211,12 +226,13 @@ class Combiner(nn.Module):
     more adapters, dense over the concatenation of those (``out``; KADAPTER.md section 2).
     With one adapter ``out`` is left out: the per-adapter layer is the only combining
     layer, as in the original's single-adapter scripts. ``add``: encoder_last + sum of
-    adapter outputs. With no adapters both return encoder_last unchanged (the "encoder
-    alone" row).
+    adapter outputs. ``fusion``: AdapterFusion (Pfeiffer et al., 2021), see
+    ``fusion_weights``. With no adapters every mode returns encoder_last unchanged (the
+    "encoder alone" row).
     """
 
     def __init__(self, adapter_names: list[str], hidden_size: int,
-                 mode: Literal["concat", "add"] = "concat"):
+                 mode: Literal["concat", "add", "fusion"] = "concat", fusion_dropout: float = 0.1):
         super().__init__()
         self.adapter_names = sorted(adapter_names)
         self.mode = mode
@@ -226,6 +242,35 @@ class Combiner(nn.Module):
             )
             if len(self.adapter_names) > 1:
                 self.out = nn.Linear(len(self.adapter_names) * hidden_size, hidden_size)
+        if mode == "fusion" and self.adapter_names:
+            # As the adapters library's BertFusion (DynamicFusionConfig): query and key
+            # N(0, 0.02) with zero bias, so the first softmax is near uniform; value without
+            # bias, initialised to the identity (1e-6 off the diagonal); dropout on the scores.
+            self.query = nn.Linear(hidden_size, hidden_size)
+            self.key = nn.Linear(hidden_size, hidden_size)
+            for proj in (self.query, self.key):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02)
+                nn.init.zeros_(proj.bias)
+            self.value = nn.Linear(hidden_size, hidden_size, bias=False)
+            with torch.no_grad():
+                self.value.weight.fill_(1e-6).fill_diagonal_(1.0)
+            self.score_dropout = nn.Dropout(fusion_dropout)
+
+    def fusion_candidates(self, encoder_last: torch.Tensor,
+                          adapter_outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T, 1 + nA, H): the encoder state, then encoder_last + each adapter's output
+        (what that adapter's ``add`` model would pass on), in the fusion layers' dtype."""
+        dtype = self.value.weight.dtype
+        last = encoder_last.to(dtype)
+        return torch.stack([last, *(last + adapter_outputs[n].to(dtype) for n in self.adapter_names)],
+                           dim=-2)
+
+    def fusion_weights(self, encoder_last: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(B, T, 1 + nA) softmax over the candidates per token: query from the encoder's last
+        state, keys from the candidates, unscaled dot products (as BertFusion)."""
+        query = self.query(encoder_last.to(self.query.weight.dtype))
+        scores = (self.key(candidates) * query.unsqueeze(-2)).sum(-1)
+        return torch.softmax(self.score_dropout(scores).float(), dim=-1)
 
     def forward(self, encoder_last: torch.Tensor,
                 adapter_outputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -240,6 +285,12 @@ class Combiner(nn.Module):
                 dtype = torch.promote_types(dtype, adapter_outputs[n].dtype)
             return encoder_last.to(dtype) + sum(adapter_outputs[n].to(dtype)
                                                 for n in self.adapter_names)
+        if self.mode == "fusion":
+            # The values hold the residual (the adapters library's residual_before): one-hot
+            # weights on an adapter with an identity value give exactly its ``add`` output.
+            candidates = self.fusion_candidates(encoder_last, adapter_outputs)
+            weights = self.fusion_weights(encoder_last, candidates).to(candidates.dtype)
+            return self.value((weights.unsqueeze(-1) * candidates).sum(-2))
         # inputs in the layers' own dtype (fp32 master weights; autocast, when on, lowers it)
         dtype = self.per_adapter[self.adapter_names[0]].weight.dtype
         last = encoder_last.to(dtype)

@@ -51,3 +51,59 @@ def test_several_seeds_each_in_its_own_run_directory(workspace, capsys):  # noqa
     assert f"{mean:.2f} ± {std:.2f}" in table
     assert "over seeds 1, 2" in table
     assert (workspace / "seeds.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trainable_parameters_and_adapterdrop_rows_in_the_table(tmp_path):
+    from kadapter.finetune import VARIANTS
+
+    runs = {("tacred", "fac,lin"): [{**_metrics(0.5, 1), "trainable_parameters": 1_234_567,
+                                     "knowledge_parameters": 94_600_000}],
+            ("csqa", "fac,lin"): [{**_metrics(0.5, 1), "trainable_parameters": 1_250_000,
+                                   "knowledge_parameters": 94_600_000}],
+            ("tacred", "none"): [{**_metrics(0.4, 1), "trainable_parameters": 900,
+                                  "knowledge_parameters": 0}]}
+    drops = {("tacred", "fac,lin", "0,11"): [_metrics(0.3, 1)],
+             ("tacred", "fac,lin", "0"): [_metrics(0.45, 1)]}
+    variants = list(VARIANTS)
+    table = results_markdown(runs, ["tacred", "csqa"], variants, "x", drops=drops)
+    lines = table.splitlines()
+    row = {line.split(" | ")[0][2:]: line for line in lines[:lines.index("## Dev")]
+           if line.startswith("| ")}
+    assert row["+F+L"].endswith("| 94.60M | 1.23M–1.25M |")  # the task heads differ
+    assert row["encoder"].endswith("| 0 | 900 |")
+    assert row["+F+L drop 0"].startswith("| +F+L drop 0 | 45.00 | 45.00 | 45.00 | – |")
+    assert row["+F+L drop 0"].endswith("| 94.60M | 1.23M–1.25M |")  # the model's own counts
+    assert row["+F+L drop 0,11"].startswith("| +F+L drop 0,11 | 30.00 |")
+    order = [label for label in row if label.startswith("+F+L")]
+    assert order == ["+F+L", "+F+L drop 0", "+F+L drop 0,11", "+F+L fusion"]
+    for label in ("+F", "+L", "+F+L fusion"):  # no run yet: every cell –
+        assert set(row[label].split(" | ")[1:-1]) == {"–"}
+    assert "| TACRED | +F+L drop" not in table  # the runs table lists fine-tuning runs only
+    plot_results(runs, ["tacred", "csqa"], variants, tmp_path / "r.png", "x", drops=drops)
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_knowledge_stage_parameters_from_manifest_or_weights(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from pipelines.finetune_all import knowledge_parameters
+
+    fac, lin, encoder = tmp_path / "fac", tmp_path / "lin", tmp_path / "multitask"
+    for directory in (fac, lin, encoder):
+        directory.mkdir()
+    save_file({"adapter.w": torch.zeros(3, 4), "head.b": torch.zeros(5)}, str(fac / "adapter.safetensors"))
+    (fac / "manifest.json").write_text(json.dumps({"stage": "pretrain"}))  # no count: the weights are counted
+    save_file({"adapter.w": torch.zeros(2, 2)}, str(lin / "adapter.safetensors"))
+    (lin / "manifest.json").write_text(json.dumps({"parameters": {"trainable": 1000, "total": 5000}}))
+    (encoder / "manifest.json").write_text(json.dumps({"parameters": {"trainable": 70, "total": 70}}))
+
+    def manifest(adapters, model="tiny"):
+        return {"inputs": {"model": model, "adapters": {
+            name: [{"path": str(path / "adapter.safetensors")}] for name, path in adapters.items()}}}
+
+    assert knowledge_parameters(manifest({"fac": fac})) == 17
+    assert knowledge_parameters(manifest({"fac": fac, "lin": lin})) == 1017
+    assert knowledge_parameters(manifest({})) == 0
+    assert knowledge_parameters(manifest({}, str(encoder))) == 70
+    assert knowledge_parameters(manifest({"fac": tmp_path / "gone"})) is None
