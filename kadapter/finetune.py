@@ -208,15 +208,17 @@ class FinetuneConfig:
 
 
 def canonical_variant(adapters: str) -> str:
-    """``fac,lin`` / ``lin, fac`` -> ``fac,lin``; ``none`` stays; anything else is an error."""
+    """``fac,lin`` / ``lin, fac`` -> ``fac,lin``; ``none`` and a named variant (a VARIANTS
+    key without a comma: multitask) stay; anything else is an error."""
     if adapters.strip() in VARIANTS and "," not in adapters:  # a named variant: as it is
         return adapters.strip()
     names = sorted({name.strip() for name in adapters.split(",") if name.strip()})
     if names == ["none"]:
         return "none"
     if not names or any(name not in ADAPTER_NAMES for name in names):
-        named = ", ".join(v for v in VARIANTS if "," not in v)
-        raise ValueError(f"adapters {adapters!r} must be fac,lin or one of {named}")
+        named = ", ".join(v for v in VARIANTS if v not in ("none", *ADAPTER_NAMES, "fac,lin"))
+        raise ValueError(f"adapters {adapters!r} must be none, fac, lin or fac,lin, or a named "
+                         f"variant: {named}")
     return ",".join(names)
 
 
