@@ -450,8 +450,8 @@ def run_multitask(config: Config, resume: bool = False) -> dict[str, Any]:
         "features": {task: {"cache": features[task]["cache"], "counts": features[task]["counts"]}
                      for task in TASKS},
         "base_model": config.model.name_or_path,
-        "parameters": {"trainable": trainable, "total": count_parameters(result.model),
-                       "encoder": encoder_total},
+        "parameters": {"trainable": trainable, "total": count_parameters(result.model)},
+        "encoder_parameters": encoder_total,
         "mix": {"shares": {"fac": section.fac_share, "lin": section.lin_share},
                 "examples_per_step": counts, "steps_per_epoch": steps_per_epoch,
                 "seen": examples_seen(result.global_step, steps_per_epoch, counts, schedule, lengths)},

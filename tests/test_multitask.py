@@ -208,7 +208,7 @@ def test_run_resumes_to_the_same_encoder_and_feeds_fine_tuning(sample_dirs, tiny
     assert seen["fac"]["tokens"] + seen["lin"]["tokens"] == manifest["training"]["tokens"]
     assert set(manifest["dev_metrics"]) == {"fac_accuracy", "fac_micro_f1", "fac_macro_f1", "lin_uas"}
     assert manifest["parameters"]["trainable"] == manifest["parameters"]["total"] > \
-        manifest["parameters"]["encoder"]
+        manifest["encoder_parameters"]
     assert manifest["training"]["tokens_per_s"] > 0
     fac_cost = manifest["kadapter_cost"]["fac"]
     adapter_size = sum(t.numel() for t in load_file(sample_dirs / "fac-adapter" / "adapter.safetensors").values())
