@@ -40,6 +40,7 @@ TREX := $(PROC)/trex_rc/manifest.json
 DEPS := $(PROC)/deps/manifest.json
 FAC := $(RUNS)/fac-adapter/adapter_config.json
 LIN := $(RUNS)/lin-adapter/adapter_config.json
+MULTITASK := $(RUNS)/multitask/manifest.json
 FEATURES := $(PROC)/features
 FT_TASKS := typing figer csqa cosmosqa tacred
 FEATURES_FT := $(foreach t,$(FT_TASKS),$(FEATURES)/$(t).json)
@@ -47,7 +48,7 @@ FINETUNE := $(RUNS)/results.md
 ADAPTERDROP := $(RUNS)/adapterdrop/results.json
 LAMA := $(RUNS)/lama/results.json
 
-.PHONY: all setup test lint data data-trex data-deps features pretrain pretrain-fac pretrain-lin \
+.PHONY: all setup test lint data data-trex data-deps features pretrain pretrain-fac pretrain-lin pretrain-multitask \
 	finetune finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred \
 	adapterdrop eval-lama report bench bench-scale tiny-model clean
 
@@ -90,21 +91,26 @@ $(FEATURES)/lin.json: $(DEPS) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/features.
 $(FEATURES_FT): $(FEATURES)/%.json: $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/features.py $(SAMPLE)
 	$(PY) -m pipelines.features --config $(CONFIG) --task $*
 
-pretrain: pretrain-fac pretrain-lin
+pretrain: pretrain-fac pretrain-lin pretrain-multitask
 pretrain-fac: $(FAC)
 $(FAC): $(TREX) $(FEATURES)/fac.json $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain.py
 	$(LAUNCH) -m pipelines.pretrain --config $(CONFIG) --task fac
 pretrain-lin: $(LIN)
 $(LIN): $(DEPS) $(FEATURES)/lin.json $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain.py
 	$(LAUNCH) -m pipelines.pretrain --config $(CONFIG) --task lin
+# RoBERTa + multitask (the paper's comparison row): the encoder trained on fac and lin
+# together; it reads the fac/lin adapters' manifests only to record their cost beside its own.
+pretrain-multitask: $(MULTITASK)
+$(MULTITASK): $(TREX) $(DEPS) $(FEATURES)/fac.json $(FEATURES)/lin.json $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain_multitask.py
+	$(LAUNCH) -m pipelines.pretrain_multitask --config $(CONFIG)
 
 # Each task x variant is one run, skipped when its inputs are unchanged. The sample preset
 # runs them all in one process (no launcher start-up 20 times); others launch each run.
 FINETUNE_LAUNCH := $(if $(filter sample,$(PRESET)),,$(LAUNCH))
 finetune: $(FINETUNE)
-$(FINETUNE): $(FAC) $(LIN) $(FEATURES_FT) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/finetune.py pipelines/finetune_all.py $(SAMPLE)
+$(FINETUNE): $(FAC) $(LIN) $(MULTITASK) $(FEATURES_FT) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/finetune.py pipelines/finetune_all.py $(SAMPLE)
 	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(FINETUNE_LAUNCH)"
-finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred: finetune-%: $(FAC) $(LIN) $(FEATURES)/%.json $(MODEL_DEPS)
+finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred: finetune-%: $(FAC) $(LIN) $(MULTITASK) $(FEATURES)/%.json $(MODEL_DEPS)
 	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(FINETUNE_LAUNCH)" --tasks "[$(subst finetune-,,$@)]"
 
 # AdapterDrop: the fine-tuned runs re-predicted with the lowest adapter layers dropped; it

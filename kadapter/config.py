@@ -40,6 +40,7 @@ SECTIONS: dict[str, str] = {
     "data_deps": "kadapter.deps:DepsConfig",
     "pretrain_fac": "kadapter.pretrain:PretrainConfig",
     "pretrain_lin": "kadapter.pretrain:PretrainConfig",
+    "pretrain_multitask": "kadapter.multitask:MultitaskConfig",
     "finetune": "kadapter.finetune:FinetuneConfig",
     "adapterdrop": "kadapter.adapterdrop:AdapterDropConfig",
     "lama": "kadapter.lama:LamaConfig",

@@ -1,4 +1,5 @@
-"""Fine-tuning on the downstream tasks: encoder alone, +F, +L, +F+L.
+"""Fine-tuning on the downstream tasks: encoder alone, +F, +L, +F+L, and RoBERTa +
+multitask (variant ``multitask``: the encoder of kadapter.multitask, no adapters).
 
 One run = one task x one variant. The encoder and the task head train; the loaded
 knowledge adapters stay frozen (no gradient, eval mode) but gradients flow through
@@ -38,6 +39,7 @@ from kadapter.io import (
     atomic_write_json,
     file_fingerprint,
     fingerprint_of,
+    read_json,
     replace_dir,
     versions,
 )
@@ -60,7 +62,8 @@ ADAPTER_NAMES = ("fac", "lin")
 MODEL_DIR = "model"  # the run's loadable model directory (kadapter.inference.load_finetuned)
 # --adapters value -> (run directory name, row label of the results table)
 VARIANTS = {"none": ("encoder", "encoder"), "fac": ("fac", "+F"), "lin": ("lin", "+L"),
-            "fac,lin": ("fac+lin", "+F+L"), "fusion": ("fac+lin-fusion", "+F+L fusion")}
+            "fac,lin": ("fac+lin", "+F+L"), "fusion": ("fac+lin-fusion", "+F+L fusion"),
+            "multitask": ("multitask", "RoBERTa+multitask")}
 # named variants -> (adapters, combine mode whatever finetune.combine says)
 NAMED_VARIANTS = {"fusion": ("fac,lin", "fusion")}
 
@@ -135,7 +138,7 @@ class FinetuneConfig:
     """Task of a single run (pipelines.finetune)."""
     adapters: str = "none"
     """Adapters of a single run: none, fac, lin, fac,lin, or a named variant (fusion: fac and
-    lin joined by AdapterFusion)."""
+    lin joined by AdapterFusion; multitask: the multitask encoder, no adapters)."""
     tasks: list[str] = field(default_factory=lambda: ["typing", "figer", "csqa", "cosmosqa", "tacred"])
     """Tasks run by pipelines.finetune_all."""
     variants: list[str] = field(default_factory=lambda: ["none", "fac", "lin", "fac,lin"])
@@ -145,6 +148,10 @@ class FinetuneConfig:
     or a Hub id (``owner/name``, ``owner/name@revision``)."""
     lin_adapter: str = "runs/{preset}/lin-adapter"
     """The linguistic adapter: a directory or a Hub id."""
+    multitask_encoder: str = "runs/{preset}/multitask"
+    """Variant ``multitask``: the encoder trained on fac and lin jointly
+    (kadapter.multitask, ``make pretrain-multitask``), fine-tuned instead of
+    model.name_or_path's, with no adapters."""
     combine: Literal["concat", "add", "fusion"] = "concat"
     """How adapter outputs join the encoder's last state (kadapter.modeling.Combiner); the
     ``fusion`` variant uses ``fusion`` whatever this says."""
@@ -217,8 +224,9 @@ def canonical_variant(adapters: str) -> str:
     if names == ["none"]:
         return "none"
     if not names or any(name not in ADAPTER_NAMES for name in names):
-        raise ValueError(f"adapters {adapters!r} must be none, fac, lin or fac,lin, or a named variant "
-                         f"({', '.join(k for k in VARIANTS if ',' not in k and k not in ('none', *ADAPTER_NAMES))})")
+        named = ", ".join(v for v in VARIANTS if v not in ("none", *ADAPTER_NAMES, "fac,lin"))
+        raise ValueError(f"adapters {adapters!r} must be none, fac, lin or fac,lin, or a named "
+                         f"variant: {named}")
     return ",".join(names)
 
 
@@ -268,7 +276,7 @@ def run_dir(config: Config, task_name: str, variant: str) -> Path:
 
 def adapter_sources(config: Config, variant: str) -> dict[str, str]:
     """Adapter name -> its configured directory or Hub id."""
-    if variant == "none":
+    if variant in ("none", "multitask"):
         return {}
     paths = {"fac": config.finetune.fac_adapter, "lin": config.finetune.lin_adapter}
     names = NAMED_VARIANTS[variant][0] if variant in NAMED_VARIANTS else variant
@@ -302,6 +310,7 @@ def run_fingerprint(config: Config, task_name: str, variant: str) -> str:
         "adapter_dropout": config.finetune.adapter_dropout,
         "data": {split: file_fingerprint(path) for split, path in files.items() if path.is_file()},
         "adapters": adapter_fingerprints(config, variant),
+        **({"multitask_encoder": multitask_fingerprints(config)} if variant == "multitask" else {}),
     })
 
 
@@ -311,6 +320,38 @@ def adapter_fingerprints(config: Config, variant: str) -> dict[str, list[dict[st
     return {name: [file_fingerprint(p) for p in sorted(path.glob("*"))
                    if p.is_file() and p.name != OUTPUT_MARKER]
             for name, path in adapter_dirs(config, variant).items()}
+
+
+def multitask_dir(config: Config) -> Path:
+    """The multitask encoder's directory; missing or incomplete is a ConfigError."""
+    from kadapter.multitask import is_multitask_dir
+
+    path = Path(config.finetune.multitask_encoder)
+    if not is_multitask_dir(path):
+        raise ConfigError(f"variant multitask: no multitask encoder in {path} (run `make "
+                          "pretrain-multitask` first, or set --finetune.multitask_encoder)")
+    return path
+
+
+def multitask_fingerprints(config: Config) -> list[dict[str, Any]]:
+    """Every file of the multitask encoder's directory, hashed (not the output marker)."""
+    return [file_fingerprint(p) for p in sorted(multitask_dir(config).glob("*"))
+            if p.is_file() and p.name != OUTPUT_MARKER]
+
+
+def encoder_path(config: Config, variant: str) -> str:
+    """Where the variant's encoder loads from: the multitask run's directory, else the
+    configured model (its base model must be the configured one: same tokenizer)."""
+    from kadapter.modeling import resolve_model_path
+
+    if variant != "multitask":
+        return resolve_model_path(config.model)
+    path = multitask_dir(config)
+    base = read_json(path / "manifest.json").get("base_model")
+    if base != config.model.name_or_path:
+        raise ConfigError(f"variant multitask: {path} was trained from {base!r}, not model "
+                          f"{config.model.name_or_path!r}")
+    return str(path)
 
 
 # ------------------------------------------------------------------------------ model
@@ -514,7 +555,7 @@ def training_config(settings: TaskConfig, select_metric: str) -> TrainingConfig:
 
 def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any]:
     """Train one task x variant, select on dev, evaluate dev and test once; write the run."""
-    from kadapter.modeling import load_encoder, load_tokenizer, resolve_model_path
+    from kadapter.modeling import load_encoder, load_tokenizer
 
     variant = canonical_variant(adapters)
     task = TASKS[task_name]
@@ -536,7 +577,7 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
     started = time.time()
 
     # ---- model and data
-    model_path = resolve_model_path(config.model)
+    model_path = encoder_path(config, variant)
     tokenizer = load_tokenizer(model_path)
     data = prepare_data(task, settings, files, tokenizer, config.finetune.cache_dir,
                         config.finetune.feature_workers, accelerator)
@@ -574,7 +615,9 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
         batch_key=batch_key,
         stage="finetune",
         run_config={"model": config.model.name_or_path, "combine": combine,
-                    "adapters": adapter_fingerprints(config, variant)},
+                    "adapters": adapter_fingerprints(config, variant),
+                    **({"multitask_encoder": multitask_fingerprints(config)}
+                       if variant == "multitask" else {})},
     )
 
     # ---- the selected weights predict dev and test once; metrics come from the files
@@ -646,7 +689,7 @@ def save_model_dir(directory: Path, config: Config, task_name: str, variant: str
     from kadapter.inference import finetuned_config, save_finetuned
     from kadapter.modeling import count_parameters
 
-    base = config.model.name_or_path
+    base = config.finetune.multitask_encoder if variant == "multitask" else config.model.name_or_path
     info = finetuned_config(
         task=task_name, variant=variant, labels=labels, settings=settings,
         combine=variant_combine(config, variant), adapters=adapter_sources(config, variant),

@@ -778,9 +778,13 @@ def train(
     batch_key: str = "batch_size",
     stage: str = "train",
     run_config: dict[str, Any] | None = None,
+    epoch_steps: Callable[[int], list[np.ndarray]] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data``; see the module docstring for the contract.
-    ``batch_key`` names ``config.batch_size`` in errors (e.g. ``pretrain_fac.batch_size``)."""
+    ``batch_key`` names ``config.batch_size`` in errors (e.g. ``pretrain_fac.batch_size``).
+    ``epoch_steps(epoch)`` gives the examples (indices into ``train_data``, ``batch_size``
+    of them) of each optimizer step of an epoch, the same number every epoch and
+    deterministic in the epoch (e.g. kadapter.multitask's task mix); None = ``step_batches``."""
     from accelerate.utils import set_seed
     from safetensors.torch import load_model, save_model
 
@@ -810,7 +814,13 @@ def train(
     # ---- steps: global batches of batch_size examples, whatever the number of processes
     plan = batch_plan(config, world, batch_key)
     lengths = example_lengths(train_data)
-    steps_per_epoch = len(train_data) // plan.global_batch
+    if epoch_steps is None:
+        def epoch_steps(epoch: int) -> list[np.ndarray]:
+            return step_batches(lengths, plan.global_batch, seed=seed, epoch=epoch,
+                                group_by_length=config.length_grouping)
+        steps_per_epoch = len(train_data) // plan.global_batch
+    else:
+        steps_per_epoch = len(epoch_steps(0))
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_data)} training examples do not fill one optimizer step "
                          f"of {batch_key} {plan.global_batch}")
@@ -985,8 +995,7 @@ def train(
     while state["step"] < total_steps:
         epoch = state["epoch"]
         if steps_epoch != epoch:
-            steps_epoch, steps = epoch, step_batches(lengths, plan.global_batch, seed=seed,
-                                                     epoch=epoch, group_by_length=config.length_grouping)
+            steps_epoch, steps = epoch, epoch_steps(epoch)
         position = state["batch"]  # optimizer steps of this epoch already taken
         # One prefetched segment runs up to the next evaluation: an evaluation may call the
         # same collate (e.g. a seeded masking collator), so collation pauses around it and
