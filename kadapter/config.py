@@ -40,6 +40,7 @@ SECTIONS: dict[str, str] = {
     "data_deps": "kadapter.deps:DepsConfig",
     "pretrain_fac": "kadapter.pretrain:PretrainConfig",
     "pretrain_lin": "kadapter.pretrain:PretrainConfig",
+    "serial_adapter": "kadapter.serial:SerialAdapterConfig",
     "finetune": "kadapter.finetune:FinetuneConfig",
     "lama": "kadapter.lama:LamaConfig",
 }

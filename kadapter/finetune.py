@@ -56,10 +56,12 @@ from kadapter.training import (
 )
 
 ADAPTER_NAMES = ("fac", "lin")
+SERIAL_VARIANTS = ("serial-fac", "serial-lin")  # kadapter.serial: adapters inside the encoder
 MODEL_DIR = "model"  # the run's loadable model directory (kadapter.inference.load_finetuned)
 # --adapters value -> (run directory name, row label of the results table)
 VARIANTS = {"none": ("encoder", "encoder"), "fac": ("fac", "+F"), "lin": ("lin", "+L"),
-            "fac,lin": ("fac+lin", "+F+L")}
+            "fac,lin": ("fac+lin", "+F+L"),
+            "serial-fac": ("serial-fac", "Serial-F"), "serial-lin": ("serial-lin", "Serial-L")}
 
 
 @dataclass
@@ -131,7 +133,8 @@ class FinetuneConfig:
     task: Literal["typing", "figer", "csqa", "cosmosqa", "tacred"] = "typing"
     """Task of a single run (pipelines.finetune)."""
     adapters: str = "none"
-    """Adapters of a single run: none, fac, lin or fac,lin."""
+    """Adapters of a single run: none, fac, lin or fac,lin, or a named variant
+    (serial-fac, serial-lin: serial adapters inside the encoder)."""
     tasks: list[str] = field(default_factory=lambda: ["typing", "figer", "csqa", "cosmosqa", "tacred"])
     """Tasks run by pipelines.finetune_all."""
     variants: list[str] = field(default_factory=lambda: ["none", "fac", "lin", "fac,lin"])
@@ -141,6 +144,12 @@ class FinetuneConfig:
     or a Hub id (``owner/name``, ``owner/name@revision``)."""
     lin_adapter: str = "runs/{preset}/lin-adapter"
     """The linguistic adapter: a directory or a Hub id."""
+    serial_fac_adapter: str = "runs/{preset}/serial-fac-adapter"
+    """Variant serial-fac: serial (Houlsby) adapters pretrained on the factual task
+    (``make pretrain-serial-fac``), inserted into the encoder and frozen; a directory or
+    a Hub id."""
+    serial_lin_adapter: str = "runs/{preset}/serial-lin-adapter"
+    """Variant serial-lin: serial adapters pretrained on the linguistic task."""
     combine: Literal["concat", "add"] = "concat"
     """How adapter outputs join the encoder's last state (kadapter.modeling.Combiner)."""
     adapter_dropout: bool = False
@@ -200,7 +209,10 @@ class FinetuneConfig:
 
 
 def canonical_variant(adapters: str) -> str:
-    """``fac,lin`` / ``lin, fac`` -> ``fac,lin``; ``none`` stays; anything else is an error."""
+    """``fac,lin`` / ``lin, fac`` -> ``fac,lin``; ``none`` and a named variant (a VARIANTS
+    key without a comma, e.g. ``serial-fac``) stay; anything else is an error."""
+    if adapters.strip() in VARIANTS and "," not in adapters:
+        return adapters.strip()
     names = sorted({name.strip() for name in adapters.split(",") if name.strip()})
     if names == ["none"]:
         return "none"
@@ -230,6 +242,8 @@ def adapter_sources(config: Config, variant: str) -> dict[str, str]:
     """Adapter name -> its configured directory or Hub id."""
     if variant == "none":
         return {}
+    if variant in SERIAL_VARIANTS:  # one serial adapter, named by its variant
+        return {variant: getattr(config.finetune, f"{variant.replace('-', '_')}_adapter")}
     paths = {"fac": config.finetune.fac_adapter, "lin": config.finetune.lin_adapter}
     return {name: paths[name] for name in variant.split(",")}
 
@@ -302,16 +316,23 @@ class FinetuneModel(nn.Module):
         return self.head(self.combiner(out.last_hidden_state, out.adapter_outputs), batch)
 
 
-def load_adapters(config: Config, variant: str, encoder_config: Any) -> dict[str, nn.Module]:
+def load_adapters(config: Config, variant: str, encoder: nn.Module) -> dict[str, nn.Module]:
+    """The variant's K-Adapters (frozen by FinetuneModel); a serial variant's adapters are
+    inserted into ``encoder`` instead, frozen, and none is returned."""
     from kadapter.modeling import AdapterLoadError, load_adapter
+    from kadapter.serial import load_serial_adapter
 
     adapters = {}
     for name, path in adapter_dirs(config, variant).items():
         try:
-            adapters[name] = load_adapter(path, encoder_config).adapter
+            if name in SERIAL_VARIANTS:
+                load_serial_adapter(path, encoder).adapters.requires_grad_(False)
+            else:
+                adapters[name] = load_adapter(path, encoder.config).adapter
         except AdapterLoadError as err:
             raise ConfigError(f"{err} (run `make pretrain-{name}` first, or set "
-                              f"--finetune.{name}_adapter to an adapter directory)") from err
+                              f"--finetune.{name.replace('-', '_')}_adapter to an adapter "
+                              "directory)") from err
     return adapters
 
 
@@ -497,7 +518,7 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
                         config.finetune.feature_workers, accelerator)
     torch.manual_seed(config.seed)  # head and combiner initialisation
     encoder = load_encoder(model_path, dtype=torch.float32)  # trainable: fp32 master weights
-    loaded = load_adapters(config, variant, encoder.config)
+    loaded = load_adapters(config, variant, encoder)
     head = task.head(encoder.config.hidden_size, len(data.labels), settings.dropout, settings.pooling,
                      settings.classifier)
     model = FinetuneModel(encoder, loaded, head, config.finetune.combine, config.finetune.adapter_dropout)
