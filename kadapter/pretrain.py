@@ -464,8 +464,8 @@ def run_pretraining(config: Config, task: str, resume: bool = False,
     encoder (section ``serial_adapter``), which then runs inside the trained model with
     autograd, so gradients pass through its layers to the adapters; the head reads the
     adapted encoder's last state. Same data, features, heads and schedule (the section
-    ``pretrain_<task>``; ``serial_adapter.learning_rate`` may replace its learning rate);
-    the serial run writes to ``serial_adapter.<task>_output_dir``."""
+    ``pretrain_<task>``; ``serial_adapter.learning_rate`` / ``epochs`` may replace its
+    own); the serial run writes to ``serial_adapter.<task>_output_dir``."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if kind not in KINDS:
@@ -476,8 +476,7 @@ def run_pretraining(config: Config, task: str, resume: bool = False,
     serial = config.serial_adapter if kind == "serial" else None
     if serial is not None:
         output_dir = serial.output_dir(task)
-        if serial.learning_rate is not None:
-            section = dataclasses.replace(section, learning_rate=serial.learning_rate)
+        section = dataclasses.replace(section, **serial.schedule())
     accelerator = make_accelerator(section)
     main = accelerator.is_main_process
     batch_key = f"pretrain_{task}.batch_size"
@@ -529,7 +528,7 @@ def run_pretraining(config: Config, task: str, resume: bool = False,
         if not resume:
             shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    name = task if serial is None else f"serial {task}"
+    run_name = task if serial is None else f"serial {task}"
     pad_values, loss_fn, predict_fn, metrics_fn = task_functions(task)
     pad_values["input_ids"] = tokenizer.pad_token_id
     multiple = 8 if accelerator.device.type == "cuda" else None
@@ -538,7 +537,7 @@ def run_pretraining(config: Config, task: str, resume: bool = False,
         collate=PadCollator(pad_values, pad_to_multiple_of=multiple),
         loss_fn=loss_fn, predict_fn=predict_fn, metrics_fn=metrics_fn,
         **frozen, output_dir=staging, seed=config.seed,
-        resume=resume, accelerator=accelerator, description=f"pretrain {name}",
+        resume=resume, accelerator=accelerator, description=f"pretrain {run_name}",
         batch_key=batch_key, stage="pretrain", run_config=run_config)
 
     # ---- outputs: the adapter (+ head) and the manifest, written by the main process
@@ -583,11 +582,11 @@ def run_pretraining(config: Config, task: str, resume: bool = False,
         shutil.rmtree(adapter_tmp)
         atomic_write_json(staging / "manifest.json", manifest)
         if baseline is not None:  # the curves again, with the majority class marked
-            plot_curves(read_metrics(staging), staging / CURVES_FILE, f"pretrain {name}",
+            plot_curves(read_metrics(staging), staging / CURVES_FILE, f"pretrain {run_name}",
                         baselines={"accuracy": baseline["accuracy"]})
         replace_dir(staging, output_dir, stage="pretrain")
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in (result.dev_metrics or {}).items())
-        line = f"{name} adapter -> {output_dir}: dev {metrics}"
+        line = f"{run_name} adapter -> {output_dir}: dev {metrics}"
         if baseline is not None:
             line += f" (majority-class baseline accuracy {baseline['accuracy']:.4f})"
         print(line)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kadapter.io import atomic_output_dir, atomic_save_safetensors, atomic_write_json
+from kadapter.io import atomic_output_dir, atomic_save_safetensors, atomic_write_json, read_json
 
 KIND = "serial"
 SUBMODULE = "serial_adapters"
@@ -68,6 +68,9 @@ class SerialAdapterConfig:
     learning_rate: float | None = None
     """Learning rate of serial pretraining; None = the K-Adapter section's (pretrain_fac
     / pretrain_lin), the same schedule for both kinds."""
+    epochs: int | None = None
+    """Epochs of serial pretraining; None = the K-Adapter section's. (Serial adapters
+    back-propagate through the whole encoder: a step costs more than a K-Adapter's.)"""
     fac_output_dir: str = "runs/{preset}/serial-fac-adapter"
     """Run directory of the serial adapter pretrained on the factual task."""
     lin_output_dir: str = "runs/{preset}/serial-lin-adapter"
@@ -80,6 +83,13 @@ class SerialAdapterConfig:
             raise ValueError(f"init_std must be >= 0, got {self.init_std}")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+
+    def schedule(self) -> dict[str, Any]:
+        """The pretraining section's fields this section replaces (those it sets)."""
+        return {k: v for k, v in (("learning_rate", self.learning_rate), ("epochs", self.epochs))
+                if v is not None}
 
     def output_dir(self, task: str) -> Path:
         return Path(self.fac_output_dir if task == "fac" else self.lin_output_dir)
@@ -274,7 +284,6 @@ class LoadedSerialAdapter:
 
 def is_serial_adapter_dir(directory: str | Path) -> bool:
     from kadapter.modeling import ADAPTER_CONFIG_FILE
-    from kadapter.io import read_json
 
     path = Path(directory) / ADAPTER_CONFIG_FILE
     try:

@@ -209,7 +209,7 @@ def test_serial_pretraining_writes_a_loadable_adapter(trex_dir, tiny_model_dir):
         head = build_head(read_json(run / "adapter_config.json")["task"]["head"])
         return sum(p.numel() for p in head.parameters())
 
-    config = pretrain_config(trex_dir)
+    config = pretrain_config(trex_dir, "--serial_adapter.epochs", "3")
     manifest = run_pretraining(config, "fac", kind="serial")
     out = trex_dir / "serial"
     assert not (trex_dir / "fac").exists()  # the K-Adapter's run directory is not touched
