@@ -1,4 +1,8 @@
-"""Fine-tuning on the downstream tasks: encoder alone, +F, +L, +F+L.
+"""Fine-tuning on the downstream tasks: encoder alone, +F, +L, +F+L, Serial-F, Serial-L.
+
+Serial-F / Serial-L (variants ``serial-fac``, ``serial-lin``): the pretrained serial
+adapters (``kadapter.serial``) are inserted into the encoder and frozen; no adapter
+output is combined, the head reads the adapted encoder's last state.
 
 One run = one task x one variant. The encoder and the task head train; the loaded
 knowledge adapters stay frozen (no gradient, eval mode) but gradients flow through

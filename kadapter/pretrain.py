@@ -15,7 +15,10 @@ Both tasks share one path (``run_pretraining``):
    its hidden states; the trainable part is the knowledge adapter plus a task head;
    the head first combines ``concat(encoder_last, adapter_out) -> dense`` with
    ``kadapter.modeling.Combiner`` (mode ``concat``), so every head reads the
-   *combined* features (B, T, H);
+   *combined* features (B, T, H); with ``--kind serial`` (``run_pretraining``'s ``kind``)
+   serial bottleneck adapters sit inside the frozen encoder instead (``kadapter.serial``),
+   the encoder runs with autograd inside the trained model, and the same heads read the
+   adapted encoder's last state with no combiner;
 3. training with ``kadapter.training.train`` (AdamW, linear warm-up/decay, resumable);
 4. outputs in ``output_dir``: ``adapter_config.json`` + ``adapter.safetensors`` (the
    adapter and the head, loadable with ``kadapter.modeling.load_adapter``; the head is
