@@ -41,6 +41,8 @@ DEPS := $(PROC)/deps/manifest.json
 FAC := $(RUNS)/fac-adapter/adapter_config.json
 LIN := $(RUNS)/lin-adapter/adapter_config.json
 MULTITASK := $(RUNS)/multitask/manifest.json
+SERIAL_FAC := $(RUNS)/serial-fac-adapter/adapter_config.json
+SERIAL_LIN := $(RUNS)/serial-lin-adapter/adapter_config.json
 FEATURES := $(PROC)/features
 FT_TASKS := typing figer csqa cosmosqa tacred
 FEATURES_FT := $(foreach t,$(FT_TASKS),$(FEATURES)/$(t).json)
@@ -49,6 +51,7 @@ ADAPTERDROP := $(RUNS)/adapterdrop/results.json
 LAMA := $(RUNS)/lama/results.json
 
 .PHONY: all setup test lint data data-trex data-deps features pretrain pretrain-fac pretrain-lin pretrain-multitask \
+	pretrain-serial-fac pretrain-serial-lin \
 	finetune finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred \
 	adapterdrop eval-lama report bench bench-scale tiny-model clean
 
@@ -91,7 +94,7 @@ $(FEATURES)/lin.json: $(DEPS) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/features.
 $(FEATURES_FT): $(FEATURES)/%.json: $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/features.py $(SAMPLE)
 	$(PY) -m pipelines.features --config $(CONFIG) --task $*
 
-pretrain: pretrain-fac pretrain-lin pretrain-multitask
+pretrain: pretrain-fac pretrain-lin pretrain-multitask pretrain-serial-fac pretrain-serial-lin
 pretrain-fac: $(FAC)
 $(FAC): $(TREX) $(FEATURES)/fac.json $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain.py
 	$(LAUNCH) -m pipelines.pretrain --config $(CONFIG) --task fac
@@ -103,14 +106,21 @@ $(LIN): $(DEPS) $(FEATURES)/lin.json $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pr
 pretrain-multitask: $(MULTITASK)
 $(MULTITASK): $(TREX) $(DEPS) $(FEATURES)/fac.json $(FEATURES)/lin.json $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain_multitask.py
 	$(LAUNCH) -m pipelines.pretrain_multitask --config $(CONFIG)
+# Serial (Houlsby) adapters inside the frozen encoder: the same data, heads and schedule.
+pretrain-serial-fac: $(SERIAL_FAC)
+$(SERIAL_FAC): $(TREX) $(FEATURES)/fac.json $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain.py
+	$(LAUNCH) -m pipelines.pretrain --config $(CONFIG) --task fac --kind serial
+pretrain-serial-lin: $(SERIAL_LIN)
+$(SERIAL_LIN): $(DEPS) $(FEATURES)/lin.json $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/pretrain.py
+	$(LAUNCH) -m pipelines.pretrain --config $(CONFIG) --task lin --kind serial
 
 # Each task x variant is one run, skipped when its inputs are unchanged. The sample preset
 # runs them all in one process (no launcher start-up 20 times); others launch each run.
 FINETUNE_LAUNCH := $(if $(filter sample,$(PRESET)),,$(LAUNCH))
 finetune: $(FINETUNE)
-$(FINETUNE): $(FAC) $(LIN) $(MULTITASK) $(FEATURES_FT) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/finetune.py pipelines/finetune_all.py $(SAMPLE)
+$(FINETUNE): $(FAC) $(LIN) $(MULTITASK) $(SERIAL_FAC) $(SERIAL_LIN) $(FEATURES_FT) $(MODEL_DEPS) $(CONFIG) $(LIB) pipelines/finetune.py pipelines/finetune_all.py $(SAMPLE)
 	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(FINETUNE_LAUNCH)"
-finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred: finetune-%: $(FAC) $(LIN) $(MULTITASK) $(FEATURES)/%.json $(MODEL_DEPS)
+finetune-typing finetune-figer finetune-csqa finetune-cosmosqa finetune-tacred: finetune-%: $(FAC) $(LIN) $(MULTITASK) $(SERIAL_FAC) $(SERIAL_LIN) $(FEATURES)/%.json $(MODEL_DEPS)
 	$(PY) -m pipelines.finetune_all --config $(CONFIG) --launcher "$(FINETUNE_LAUNCH)" --tasks "[$(subst finetune-,,$@)]"
 
 # AdapterDrop: the fine-tuned runs re-predicted with the lowest adapter layers dropped; it

@@ -41,6 +41,7 @@ SECTIONS: dict[str, str] = {
     "pretrain_fac": "kadapter.pretrain:PretrainConfig",
     "pretrain_lin": "kadapter.pretrain:PretrainConfig",
     "pretrain_multitask": "kadapter.multitask:MultitaskConfig",
+    "serial_adapter": "kadapter.serial:SerialAdapterConfig",
     "finetune": "kadapter.finetune:FinetuneConfig",
     "adapterdrop": "kadapter.adapterdrop:AdapterDropConfig",
     "lama": "kadapter.lama:LamaConfig",

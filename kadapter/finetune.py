@@ -1,5 +1,10 @@
-"""Fine-tuning on the downstream tasks: encoder alone, +F, +L, +F+L, and RoBERTa +
-multitask (variant ``multitask``: the encoder of kadapter.multitask, no adapters).
+"""Fine-tuning on the downstream tasks: encoder alone, +F, +L, +F+L, +F+L fusion, RoBERTa +
+multitask, Serial-F, Serial-L.
+
+RoBERTa + multitask (variant ``multitask``): the encoder of kadapter.multitask, no adapters.
+Serial-F / Serial-L (variants ``serial-fac``, ``serial-lin``): the pretrained serial
+adapters (``kadapter.serial``) are inserted into the encoder and frozen; no adapter
+output is combined, the head reads the adapted encoder's last state.
 
 One run = one task x one variant. The encoder and the task head train; the loaded
 knowledge adapters stay frozen (no gradient, eval mode) but gradients flow through
@@ -59,11 +64,13 @@ from kadapter.training import (
 )
 
 ADAPTER_NAMES = ("fac", "lin")
+SERIAL_VARIANTS = ("serial-fac", "serial-lin")  # kadapter.serial: adapters inside the encoder
 MODEL_DIR = "model"  # the run's loadable model directory (kadapter.inference.load_finetuned)
 # --adapters value -> (run directory name, row label of the results table)
 VARIANTS = {"none": ("encoder", "encoder"), "fac": ("fac", "+F"), "lin": ("lin", "+L"),
             "fac,lin": ("fac+lin", "+F+L"), "fusion": ("fac+lin-fusion", "+F+L fusion"),
-            "multitask": ("multitask", "RoBERTa+multitask")}
+            "multitask": ("multitask", "RoBERTa+multitask"),
+            "serial-fac": ("serial-fac", "Serial-F"), "serial-lin": ("serial-lin", "Serial-L")}
 # named variants -> (adapters, combine mode whatever finetune.combine says)
 NAMED_VARIANTS = {"fusion": ("fac,lin", "fusion")}
 
@@ -138,7 +145,8 @@ class FinetuneConfig:
     """Task of a single run (pipelines.finetune)."""
     adapters: str = "none"
     """Adapters of a single run: none, fac, lin, fac,lin, or a named variant (fusion: fac and
-    lin joined by AdapterFusion; multitask: the multitask encoder, no adapters)."""
+    lin joined by AdapterFusion; multitask: the multitask encoder, no adapters; serial-fac,
+    serial-lin: serial adapters inside the encoder)."""
     tasks: list[str] = field(default_factory=lambda: ["typing", "figer", "csqa", "cosmosqa", "tacred"])
     """Tasks run by pipelines.finetune_all."""
     variants: list[str] = field(default_factory=lambda: ["none", "fac", "lin", "fac,lin"])
@@ -152,6 +160,12 @@ class FinetuneConfig:
     """Variant ``multitask``: the encoder trained on fac and lin jointly
     (kadapter.multitask, ``make pretrain-multitask``), fine-tuned instead of
     model.name_or_path's, with no adapters."""
+    serial_fac_adapter: str = "runs/{preset}/serial-fac-adapter"
+    """Variant serial-fac: serial (Houlsby) adapters pretrained on the factual task
+    (``make pretrain-serial-fac``), inserted into the encoder and frozen; a directory or
+    a Hub id."""
+    serial_lin_adapter: str = "runs/{preset}/serial-lin-adapter"
+    """Variant serial-lin: serial adapters pretrained on the linguistic task."""
     combine: Literal["concat", "add", "fusion"] = "concat"
     """How adapter outputs join the encoder's last state (kadapter.modeling.Combiner); the
     ``fusion`` variant uses ``fusion`` whatever this says."""
@@ -217,7 +231,7 @@ class FinetuneConfig:
 
 def canonical_variant(adapters: str) -> str:
     """``fac,lin`` / ``lin, fac`` -> ``fac,lin``; ``none`` and a named variant (a VARIANTS
-    key without a comma, e.g. ``fusion``) stay; anything else is an error."""
+    key without a comma, e.g. ``fusion``, ``serial-fac``) stay; anything else is an error."""
     if adapters.strip() in VARIANTS and "," not in adapters:
         return adapters.strip()
     names = sorted({name.strip() for name in adapters.split(",") if name.strip()})
@@ -278,6 +292,8 @@ def adapter_sources(config: Config, variant: str) -> dict[str, str]:
     """Adapter name -> its configured directory or Hub id."""
     if variant in ("none", "multitask"):
         return {}
+    if variant in SERIAL_VARIANTS:  # one serial adapter, named by its variant
+        return {variant: getattr(config.finetune, f"{variant.replace('-', '_')}_adapter")}
     paths = {"fac": config.finetune.fac_adapter, "lin": config.finetune.lin_adapter}
     names = NAMED_VARIANTS[variant][0] if variant in NAMED_VARIANTS else variant
     return {name: paths[name] for name in names.split(",")}
@@ -388,16 +404,23 @@ class FinetuneModel(nn.Module):
         return self.head(self.combiner(out.last_hidden_state, out.adapter_outputs), batch)
 
 
-def load_adapters(config: Config, variant: str, encoder_config: Any) -> dict[str, nn.Module]:
+def load_adapters(config: Config, variant: str, encoder: nn.Module) -> dict[str, nn.Module]:
+    """The variant's K-Adapters (frozen by FinetuneModel); a serial variant's adapters are
+    inserted into ``encoder`` instead, frozen, and none is returned."""
     from kadapter.modeling import AdapterLoadError, load_adapter
+    from kadapter.serial import load_serial_adapter
 
     adapters = {}
     for name, path in adapter_dirs(config, variant).items():
         try:
-            adapters[name] = load_adapter(path, encoder_config).adapter
+            if name in SERIAL_VARIANTS:
+                load_serial_adapter(path, encoder).adapters.requires_grad_(False)
+            else:
+                adapters[name] = load_adapter(path, encoder.config).adapter
         except AdapterLoadError as err:
             raise ConfigError(f"{err} (run `make pretrain-{name}` first, or set "
-                              f"--finetune.{name}_adapter to an adapter directory)") from err
+                              f"--finetune.{name.replace('-', '_')}_adapter to an adapter "
+                              "directory)") from err
     return adapters
 
 
@@ -583,7 +606,7 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
                         config.finetune.feature_workers, accelerator)
     torch.manual_seed(config.seed)  # head and combiner initialisation
     encoder = load_encoder(model_path, dtype=torch.float32)  # trainable: fp32 master weights
-    loaded = load_adapters(config, variant, encoder.config)
+    loaded = load_adapters(config, variant, encoder)
     head = task.head(encoder.config.hidden_size, len(data.labels), settings.dropout, settings.pooling,
                      settings.classifier)
     combine = variant_combine(config, variant)

@@ -41,6 +41,8 @@ ENCODER_CONFIG_FILE = "encoder/config.json"
 FORMAT = "kadapter-finetuned"
 FORMAT_VERSION = 1
 ADAPTER_PREFIX = "kadapter.adapters."
+SERIAL_PREFIX = "kadapter.encoder.serial_adapters."  # frozen serial adapters inside the encoder
+FROZEN_PREFIXES = (ADAPTER_PREFIX, SERIAL_PREFIX)
 
 
 class ModelLoadError(ValueError):
@@ -128,7 +130,9 @@ def build_model(directory: Path, config: dict[str, Any], overrides: dict[str, st
     from transformers import AutoConfig, AutoModel
 
     from kadapter.finetune import FinetuneModel
+    from kadapter.hub import resolve_adapter
     from kadapter.modeling import AdapterLoadError, load_adapter
+    from kadapter.serial import is_serial_adapter_dir, load_serial_adapter
     from kadapter.tasks import TASKS
 
     encoder_config = AutoConfig.from_pretrained(str(directory / Path(ENCODER_CONFIG_FILE).parent))
@@ -140,11 +144,12 @@ def build_model(directory: Path, config: dict[str, Any], overrides: dict[str, st
     for name, recorded in sorted(config["adapters"].items()):
         source = overrides.get(name, recorded["source"])
         try:
-            loaded = load_adapter(source, encoder_config)
+            serial = is_serial_adapter_dir(resolve_adapter(source))
+            loaded = (load_serial_adapter(source, encoder) if serial
+                      else load_adapter(source, encoder_config))
         except (AdapterLoadError, FileNotFoundError) as err:
             raise ModelLoadError(f"{directory}: its {name} adapter {source!r} cannot be loaded ({err}); "
                                  f"pass adapters={{{name!r}: PATH_OR_HUB_ID}}") from None
-        from kadapter.hub import resolve_adapter
         from kadapter.modeling import ADAPTER_WEIGHTS_FILE
 
         sha = file_fingerprint(resolve_adapter(source) / ADAPTER_WEIGHTS_FILE)["sha256"]
@@ -152,7 +157,10 @@ def build_model(directory: Path, config: dict[str, Any], overrides: dict[str, st
             raise ModelLoadError(f"{directory}: the {name} adapter at {source!r} is not the one this model "
                                  f"was fine-tuned with (sha256 {sha[:12]}..., recorded "
                                  f"{recorded['sha256'][:12]}...)")
-        adapters[name] = loaded.adapter
+        if serial:  # inside the encoder now, frozen as in fine-tuning
+            loaded.adapters.requires_grad_(False)
+        else:
+            adapters[name] = loaded.adapter
     head_settings = config["head"]
     task = TASKS[config["task"]]
     head = task.head(encoder_config.hidden_size, len(config["labels"]), head_settings["dropout"],
@@ -164,7 +172,7 @@ def build_model(directory: Path, config: dict[str, Any], overrides: dict[str, st
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"{weights}: cannot read weights ({err})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(ADAPTER_PREFIX)]
+    missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
     if missing or unexpected:
         raise ModelLoadError(f"{weights}: weights do not match the model config "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -172,9 +180,10 @@ def build_model(directory: Path, config: dict[str, Any], overrides: dict[str, st
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything but the frozen adapters, as contiguous CPU tensors."""
+    """Everything but the frozen adapters (K-Adapters, serial adapters), as contiguous CPU
+    tensors."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
-            if not k.startswith(ADAPTER_PREFIX)}
+            if not k.startswith(FROZEN_PREFIXES)}
 
 
 def save_finetuned(directory: str | Path, model: nn.Module, tokenizer: Any,

@@ -477,6 +477,9 @@ def load_adapter(directory: str | Path, encoder_config: Any, revision: str | Non
     directory = resolve_adapter(directory, revision)
     config = read_adapter_config(directory)
     config_path = directory / ADAPTER_CONFIG_FILE
+    if config.get("kind", "kadapter") != "kadapter":
+        raise AdapterLoadError(f"{directory}: a {config.get('kind')!r} adapter, not a K-Adapter "
+                               "(a serial one loads with kadapter.serial.load_serial_adapter)")
     expected = _config_section(config, "encoder", config_path)
     actual = {"hidden_size": encoder_config.hidden_size,
               "num_hidden_layers": encoder_config.num_hidden_layers}

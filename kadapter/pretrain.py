@@ -15,7 +15,10 @@ Both tasks share one path (``run_pretraining``):
    its hidden states; the trainable part is the knowledge adapter plus a task head;
    the head first combines ``concat(encoder_last, adapter_out) -> dense`` with
    ``kadapter.modeling.Combiner`` (mode ``concat``), so every head reads the
-   *combined* features (B, T, H);
+   *combined* features (B, T, H); with ``--kind serial`` (``run_pretraining``'s ``kind``)
+   serial bottleneck adapters sit inside the frozen encoder instead (``kadapter.serial``),
+   the encoder runs with autograd inside the trained model, and the same heads read the
+   adapted encoder's last state with no combiner;
 3. training with ``kadapter.training.train`` (AdamW, linear warm-up/decay, resumable);
 4. outputs in ``output_dir``: ``adapter_config.json`` + ``adapter.safetensors`` (the
    adapter and the head, loadable with ``kadapter.modeling.load_adapter``; the head is
@@ -50,6 +53,7 @@ unlabelled attachment score (UAS) over labelled words.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -81,6 +85,7 @@ from kadapter.modeling import (
     ADAPTER_WEIGHTS_FILE,
     Combiner,
     KnowledgeAdapter,
+    count_parameters,
     encoder_dtype,
     load_encoder,
     load_tokenizer,
@@ -89,6 +94,7 @@ from kadapter.modeling import (
     save_adapter,
 )
 from kadapter.progress import progress_chunks
+from kadapter.serial import save_serial_adapter
 from kadapter.spans import gather_positions, mark_spans, span_mean, token_span
 from kadapter.training import (
     CURVES_FILE,
@@ -239,17 +245,27 @@ def lin_features(path: Path, tokenizer, max_length: int) -> tuple[FeatureTable, 
 # --------------------------------------------------------------------------- heads
 
 
+def _combined(adapter_name: str | None) -> list[str]:
+    """The combiner's adapters: a K-Adapter's output beside the encoder's last state, or
+    none (serial adapters sit inside the encoder: the head reads its last state as is)."""
+    return [] if adapter_name is None else [adapter_name]
+
+
+def _outputs(adapter_name: str | None, adapter_out) -> dict:
+    return {} if adapter_name is None else {adapter_name: adapter_out}
+
+
 class RelationHead(nn.Module):
     """fac: combined features -> pooled subject, object -> concat -> dense -> logits."""
 
     def __init__(self, hidden_size: int, num_labels: int, pooling: str = "entity",
-                 dropout: float = 0.1, adapter_name: str = "fac"):
+                 dropout: float = 0.1, adapter_name: str | None = "fac"):
         super().__init__()
         if pooling not in ("entity", "marker"):
             raise ValueError(f"pooling must be 'entity' or 'marker', got {pooling!r}")
         self.pooling = pooling
         self.adapter_name = adapter_name
-        self.combiner = Combiner([adapter_name], hidden_size, mode="concat")
+        self.combiner = Combiner(_combined(adapter_name), hidden_size, mode="concat")
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(2 * hidden_size, num_labels)
 
@@ -263,7 +279,7 @@ class RelationHead(nn.Module):
         return torch.cat([subject, obj], dim=-1)
 
     def forward(self, encoder_last, adapter_out, batch):
-        combined = self.combiner(encoder_last, {self.adapter_name: adapter_out})
+        combined = self.combiner(encoder_last, _outputs(self.adapter_name, adapter_out))
         return self.classifier(self.dropout(self.pool(combined, batch)))
 
 
@@ -278,10 +294,10 @@ class HeadPositionHead(nn.Module):
     any padded width. Logits at padded positions are masked.
     """
 
-    def __init__(self, hidden_size: int, dropout: float = 0.1, adapter_name: str = "lin"):
+    def __init__(self, hidden_size: int, dropout: float = 0.1, adapter_name: str | None = "lin"):
         super().__init__()
         self.adapter_name = adapter_name
-        self.combiner = Combiner([adapter_name], hidden_size, mode="concat")
+        self.combiner = Combiner(_combined(adapter_name), hidden_size, mode="concat")
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.attention = nn.MultiheadAttention(hidden_size, num_heads=1, dropout=dropout,
                                                batch_first=True)
@@ -290,7 +306,7 @@ class HeadPositionHead(nn.Module):
         self.key = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, encoder_last, adapter_out, batch):
-        combined = self.combiner(encoder_last, {self.adapter_name: adapter_out})
+        combined = self.combiner(encoder_last, _outputs(self.adapter_name, adapter_out))
         padding = ~batch["attention_mask"].bool()
         hidden = F.gelu(self.dense(combined))
         attended, _ = self.attention(hidden, hidden, hidden, key_padding_mask=padding,
@@ -314,15 +330,61 @@ class PretrainModel(nn.Module):
         return self.head(hidden_states[-1], adapter_out, batch)
 
 
+class SerialPretrainModel(nn.Module):
+    """The encoder with serial adapters inside (``kadapter.serial``) and the task head.
+
+    The encoder's own weights are frozen (no gradient, eval mode whatever ``train()`` is
+    called with) but it runs with autograd, so that gradients reach the adapters inside
+    its layers; no weight gradient of the encoder is kept. Only adapters and head train."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        from kadapter.serial import attached
+
+        super().__init__()
+        if attached(encoder) is None:
+            raise ValueError("the encoder holds no serial adapters (kadapter.serial)")
+        self.encoder = encoder
+        self.head = head
+        encoder.requires_grad_(False)
+        self.adapter.requires_grad_(True)
+        self.train(False)
+
+    @property
+    def adapter(self):
+        from kadapter.serial import attached
+
+        return attached(self.encoder)
+
+    def train(self, mode: bool = True) -> SerialPretrainModel:
+        super().train(mode)
+        self.encoder.eval()
+        self.adapter.train(mode)
+        return self
+
+    def forward(self, frozen_out: None, batch: dict[str, torch.Tensor]):
+        last = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            return_dict=True).last_hidden_state
+        # in the head's dtype (fp32 master weights; autocast, when on, lowers it), as the
+        # K-Adapter's Combiner does for a bf16 encoder
+        return self.head(last.to(next(self.head.parameters()).dtype), None, batch)
+
+
+KINDS = ("kadapter", "serial")
+"""Adapter kinds pretrained by ``run_pretraining``: K-Adapter's knowledge adapter beside
+the encoder, or serial (Houlsby) adapters inside it."""
+
+
 def head_settings(task: str, section: PretrainConfig, hidden_size: int,
-                  labels: list[str] | None) -> dict[str, Any]:
-    """What ``build_head`` needs; stored in adapter_config.json under ``task.head``."""
+                  labels: list[str] | None, kind: str = "kadapter") -> dict[str, Any]:
+    """What ``build_head`` needs; stored in adapter_config.json under ``task.head``. A
+    serial adapter's head has no combiner (adapter_name None)."""
+    adapter_name = task if kind == "kadapter" else None
     if task == "fac":
         return {"class": "RelationHead", "hidden_size": hidden_size, "num_labels": len(labels),
                 "pooling": section.pooling, "dropout": section.head_dropout,
-                "adapter_name": task}
+                "adapter_name": adapter_name}
     return {"class": "HeadPositionHead", "hidden_size": hidden_size,
-            "dropout": section.head_dropout, "adapter_name": task}
+            "dropout": section.head_dropout, "adapter_name": adapter_name}
 
 
 def build_head(settings: dict[str, Any]) -> nn.Module:
@@ -395,13 +457,29 @@ def encode_hidden_states(encoder: nn.Module, batch: dict[str, torch.Tensor]):
 # --------------------------------------------------------------------------- the run
 
 
-def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str, Any]:
-    """Pretrain the ``task`` adapter as configured; returns the manifest written."""
+def run_pretraining(config: Config, task: str, resume: bool = False,
+                    kind: str = "kadapter") -> dict[str, Any]:
+    """Pretrain the ``task`` adapter of ``kind`` as configured; returns the manifest written.
+
+    ``kind`` ``kadapter``: a knowledge adapter beside the frozen encoder, which runs once
+    per batch under ``no_grad`` (``train``'s ``frozen``); its head combines the encoder's
+    last state with the adapter's output. ``serial``: Houlsby adapters inside the frozen
+    encoder (section ``serial_adapter``), which then runs inside the trained model with
+    autograd, so gradients pass through its layers to the adapters; the head reads the
+    adapted encoder's last state. Same data, features, heads and schedule (the section
+    ``pretrain_<task>``; ``serial_adapter.learning_rate`` / ``epochs`` may replace its
+    own); the serial run writes to ``serial_adapter.<task>_output_dir``."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     started = time.time()
     section: PretrainConfig = getattr(config, f"pretrain_{task}")
     data_dir, output_dir, cache_dir = resolve_paths(section, task, config.preset)
+    serial = config.serial_adapter if kind == "serial" else None
+    if serial is not None:
+        output_dir = serial.output_dir(task)
+        section = dataclasses.replace(section, **serial.schedule())
     accelerator = make_accelerator(section)
     main = accelerator.is_main_process
     batch_key = f"pretrain_{task}.batch_size"
@@ -426,8 +504,23 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
                          f"{max_sequence_length(encoder)} positions")
     hidden, layers = encoder.config.hidden_size, encoder.config.num_hidden_layers
     torch.manual_seed(config.seed)
-    settings = head_settings(task, section, hidden, labels)
-    model = PretrainModel(KnowledgeAdapter(config.adapter, hidden, layers), build_head(settings))
+    settings = head_settings(task, section, hidden, labels, kind)
+    if serial is None:
+        model = PretrainModel(KnowledgeAdapter(config.adapter, hidden, layers), build_head(settings))
+        parameters = {"trainable": count_parameters(model),
+                      "total": count_parameters(model) + count_parameters(encoder)}
+        frozen = {"frozen": encoder, "frozen_dtype": dtype, "frozen_forward": encode_hidden_states}
+        run_config = {"model": config.model.name_or_path, "adapter": to_plain(config.adapter)}
+    else:  # the encoder inside the model: trained through, weights frozen, in its own dtype
+        from kadapter.serial import insert_serial_adapters
+
+        insert_serial_adapters(encoder, serial)
+        model = SerialPretrainModel(encoder, build_head(settings))
+        parameters = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                      "total": count_parameters(model)}
+        frozen = {}
+        run_config = {"model": config.model.name_or_path, "kind": kind,
+                      "serial": to_plain(serial)}
 
     # ---- train in a hidden sibling: the previous complete adapter stays in output_dir
     # until the new one is complete (then the sibling replaces it whole)
@@ -438,6 +531,7 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
         if not resume:
             shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
+    run_name = task if serial is None else f"serial {task}"
     pad_values, loss_fn, predict_fn, metrics_fn = task_functions(task)
     pad_values["input_ids"] = tokenizer.pad_token_id
     multiple = 8 if accelerator.device.type == "cuda" else None
@@ -445,19 +539,16 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
         section, model=model, train_data=train_data, dev_data=dev_data,
         collate=PadCollator(pad_values, pad_to_multiple_of=multiple),
         loss_fn=loss_fn, predict_fn=predict_fn, metrics_fn=metrics_fn,
-        frozen=encoder, frozen_dtype=dtype,
-        frozen_forward=encode_hidden_states, output_dir=staging, seed=config.seed,
-        resume=resume, accelerator=accelerator, description=f"pretrain {task}",
-        batch_key=batch_key,
-        stage="pretrain", run_config={"model": config.model.name_or_path,
-                                      "adapter": to_plain(config.adapter)})
+        **frozen, output_dir=staging, seed=config.seed,
+        resume=resume, accelerator=accelerator, description=f"pretrain {run_name}",
+        batch_key=batch_key, stage="pretrain", run_config=run_config)
 
     # ---- outputs: the adapter (+ head) and the manifest, written by the main process
     baseline = None
     if task == "fac":
         baseline = majority_baseline(train_data.scalar["label"], dev_data.scalar["label"])
     manifest = {
-        "stage": "pretrain", "task": task, "config": config.to_dict(),
+        "stage": "pretrain", "task": task, "kind": kind, "config": config.to_dict(),
         "inputs": {"data_dir": str(data_dir), "files": features["inputs"],
                    "data_manifest": _manifest_fingerprint(data_dir)},
         "features": {"cache": features["cache"], "counts": features["counts"]},
@@ -473,29 +564,32 @@ def run_pretraining(config: Config, task: str, resume: bool = False) -> dict[str
                      "precision": precision_of(section).to_dict(), "encoder_dtype": str(dtype),
                      "resumed_from": result.resumed_from, "best_step": result.best_step,
                      "resumed_config_changes": result.config_changes},
+        "parameters": parameters,
         "dev_metrics": result.dev_metrics,
         "majority_baseline": baseline,
         "versions": versions(),
     }
     if main:
         task_info = {"name": task, "labels": labels, "max_length": section.max_length,
-                     "head": settings, "combiner": "concat", "dev_metrics": result.dev_metrics,
+                     "head": settings, "combiner": "concat" if serial is None else None,
+                     "dev_metrics": result.dev_metrics,
                      "data": {"manifest_sha256": manifest["inputs"]["data_manifest"],
                               "files": features["inputs"]}}
         adapter_tmp = staging / ".adapter"
-        save_adapter(adapter_tmp, result.model.adapter, base_model=config.model.name_or_path,
-                     encoder_config=encoder.config, task=task_info,
-                     head_state=result.model.head.state_dict())
+        save = save_adapter if serial is None else save_serial_adapter
+        save(adapter_tmp, result.model.adapter, base_model=config.model.name_or_path,
+             encoder_config=encoder.config, task=task_info,
+             head_state=result.model.head.state_dict())
         for name in (ADAPTER_WEIGHTS_FILE, MODEL_CARD_FILE, ADAPTER_CONFIG_FILE):
             os.replace(adapter_tmp / name, staging / name)
         shutil.rmtree(adapter_tmp)
         atomic_write_json(staging / "manifest.json", manifest)
         if baseline is not None:  # the curves again, with the majority class marked
-            plot_curves(read_metrics(staging), staging / CURVES_FILE, f"pretrain {task}",
+            plot_curves(read_metrics(staging), staging / CURVES_FILE, f"pretrain {run_name}",
                         baselines={"accuracy": baseline["accuracy"]})
         replace_dir(staging, output_dir, stage="pretrain")
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in (result.dev_metrics or {}).items())
-        line = f"{task} adapter -> {output_dir}: dev {metrics}"
+        line = f"{run_name} adapter -> {output_dir}: dev {metrics}"
         if baseline is not None:
             line += f" (majority-class baseline accuracy {baseline['accuracy']:.4f})"
         print(line)
@@ -514,6 +608,7 @@ __all__ = [
     "PretrainConfig",
     "PretrainModel",
     "RelationHead",
+    "SerialPretrainModel",
     "build_head",
     "classification_metrics",
     "fac_features",

@@ -86,11 +86,18 @@ def _data_section(config: Config, base: Path, wall: dict[str, Any]) -> list[str]
 def _adapters_section(config: Config, base: Path, wall: dict[str, Any],
                       devices: set[str]) -> list[str]:
     lines = ["## Adapters", ""]
+    serial = config.sections.get("serial_adapter")
+    runs = []
     for task, title in (("fac", "Factual adapter (T-REx relation classification)"),
                         ("lin", "Linguistic adapter (dependency head prediction)")):
-        lines += [f"### {title}", ""]
         section = config.sections.get(f"pretrain_{task}")
-        manifest = Path(section.output_dir) / "manifest.json" if section else None
+        runs.append((task, title, section and Path(section.output_dir)))
+        if serial is not None:  # Houlsby et al.'s serial adapters, pretrained on the same task
+            runs.append((f"serial-{task}", f"Serial adapters, {title[0].lower()}{title[1:]}",
+                         serial.output_dir(task)))
+    for task, title, run in runs:
+        lines += [f"### {title}", ""]
+        manifest = run / "manifest.json" if run else None
         if manifest is None or not manifest.is_file():
             lines += _missing(f"{task} adapter", f"pretrain-{task}")
             continue
@@ -103,8 +110,11 @@ def _adapters_section(config: Config, base: Path, wall: dict[str, Any],
         lines.append(f"Dev: {metrics}.")
         if m.get("majority_baseline"):
             lines.append(f"Majority-class baseline: accuracy {m['majority_baseline']['accuracy']:.4f}.")
-        lines += [f"{training['steps']:,} optimizer steps, {training['tokens']:,} training tokens at "
-                  f"{training['tokens_per_s']:,.0f} tokens/s. {_source(manifest, base)}", ""]
+        parameters = m.get("parameters")
+        trainable = (f"{parameters['trainable']:,} of {parameters['total']:,} parameters trained, "
+                     if parameters else "")
+        lines += [f"{trainable}{training['steps']:,} optimizer steps, {training['tokens']:,} training "
+                  f"tokens at {training['tokens_per_s']:,.0f} tokens/s. {_source(manifest, base)}", ""]
         lines += _figure(manifest.parent / "curves.png", base,
                          f"{task} adapter: training loss and dev metrics per step",
                          manifest.parent / "metrics.jsonl")

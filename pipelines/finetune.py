@@ -4,8 +4,10 @@
 
 --task: typing (OpenEntity), figer, csqa, cosmosqa, tacred. --adapters: none, fac, lin,
 fac,lin (adapter directories from --finetune.fac_adapter / --finetune.lin_adapter,
-default runs/<preset>/fac-adapter and lin-adapter), or fusion (fac and lin joined by
-AdapterFusion). Per-task settings are overridden
+default runs/<preset>/fac-adapter and lin-adapter), fusion (fac and lin joined by
+AdapterFusion), multitask (the multitask-trained encoder, no adapters), or serial-fac,
+serial-lin (serial adapters inserted into the encoder, from --finetune.serial_fac_adapter /
+serial_lin_adapter). Per-task settings are overridden
 as --finetune.<task>.<key> value (e.g. --finetune.tacred.learning_rate 1e-5).
 
 The encoder and the task head train; the adapters stay frozen. The checkpoint with the

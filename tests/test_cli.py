@@ -66,7 +66,7 @@ def test_booleans_are_true_false_everywhere(repo_root, monkeypatch):
     from pipelines import pretrain as entry
 
     calls = []
-    monkeypatch.setattr(pretrain, "run_pretraining", lambda config, task, resume: calls.append((task, resume)))
+    monkeypatch.setattr(pretrain, "run_pretraining", lambda config, task, resume, kind: calls.append((task, resume)))
     monkeypatch.chdir(repo_root)
     entry.main(["--task", "fac", "--resume", "true"])
     entry.main(["--task=lin", "--resume=false"])
