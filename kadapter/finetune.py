@@ -664,6 +664,7 @@ def run_finetune(config: Config, task_name: str, adapters: str) -> dict[str, Any
             "inputs": {
                 "data": {split: file_fingerprint(path) for split, path in files.items()},
                 "model": config.model.name_or_path,
+                **({"encoder": str(multitask_dir(config))} if variant == "multitask" else {}),
                 "adapters": adapter_fingerprints(config, variant),
             },
             "parameters": {"settings": to_plain(settings), "training": to_plain(loop_config),

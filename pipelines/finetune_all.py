@@ -165,9 +165,9 @@ def knowledge_parameters(manifest: dict) -> int | None:
     inputs = manifest.get("inputs", {})
     directories = {Path(files[0]["path"]).parent for files in (inputs.get("adapters") or {}).values()
                    if files}
-    model = inputs.get("model")
-    if isinstance(model, str) and (Path(model) / "manifest.json").is_file():
-        directories.add(Path(model))
+    encoder = inputs.get("encoder")  # a multitask-trained encoder's directory
+    if isinstance(encoder, str) and (Path(encoder) / "manifest.json").is_file():
+        directories.add(Path(encoder))
     counts = [stage_trainable_parameters(directory) for directory in sorted(directories)]
     return None if None in counts else sum(counts)
 

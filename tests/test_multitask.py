@@ -263,8 +263,12 @@ def test_run_resumes_to_the_same_encoder_and_feeds_fine_tuning(sample_dirs, tiny
     assert paths == [str(straight)]
     run = sample_dirs / "ft" / "typing" / "multitask"
     assert summary["variant"] == "multitask" and (run / "metrics.json").is_file()
-    fingerprint = read_json(run / "manifest.json")["fingerprint"]
+    run_manifest = read_json(run / "manifest.json")
+    fingerprint = run_manifest["fingerprint"]
     assert fingerprint == run_fingerprint(config, "typing", "multitask")
+    # the results table counts the encoder's multitask training as its knowledge stage
+    from pipelines.finetune_all import knowledge_parameters
+    assert knowledge_parameters(run_manifest) == manifest["parameters"]["trainable"]
     (straight / "heads.json").write_text("{}")  # any file of the encoder's run counts
     assert run_fingerprint(config, "typing", "multitask") != fingerprint
 

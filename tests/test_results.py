@@ -98,8 +98,8 @@ def test_knowledge_stage_parameters_from_manifest_or_weights(tmp_path):
     (lin / "manifest.json").write_text(json.dumps({"parameters": {"trainable": 1000, "total": 5000}}))
     (encoder / "manifest.json").write_text(json.dumps({"parameters": {"trainable": 70, "total": 70}}))
 
-    def manifest(adapters, model="tiny"):
-        return {"inputs": {"model": model, "adapters": {
+    def manifest(adapters, encoder=None):
+        return {"inputs": {"model": "tiny", **({"encoder": encoder} if encoder else {}), "adapters": {
             name: [{"path": str(path / "adapter.safetensors")}] for name, path in adapters.items()}}}
 
     assert knowledge_parameters(manifest({"fac": fac})) == 17
