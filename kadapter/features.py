@@ -36,7 +36,7 @@ baseline.
 from __future__ import annotations
 
 import contextlib
-import itertools
+import gc
 import multiprocessing
 import os
 from collections import Counter
@@ -51,6 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kadapter.bpe_words import Encodings, WordEncoder, ranges
 from kadapter.io import (
     InputError,
     atomic_output_dir,
@@ -212,8 +213,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer: Any) -> None:
-    _WORKER["tokenizer"] = tokenizer
-    _WORKER["backends"] = {}
+    if _WORKER.get("tokenizer") is not tokenizer:  # a new tokenizer: a new word table
+        _WORKER.clear()
+        _WORKER["tokenizer"] = tokenizer
 
 
 Job = tuple[Callable[..., Chunk], tuple]
@@ -221,7 +223,15 @@ Job = tuple[Callable[..., Chunk], tuple]
 
 def _call(job: Job) -> Chunk:
     function, args = job
-    return function(_WORKER["tokenizer"], *args)
+    # A chunk makes ~10^5 short-lived objects and no cycle: with the collector on, they
+    # trigger full collections over everything the process holds (torch, pyarrow...).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return function(_WORKER["tokenizer"], *args)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def ordered_map(jobs: Iterable[Job], tokenizer: Any, workers: int) -> Iterator[Chunk]:
@@ -247,62 +257,21 @@ def ordered_map(jobs: Iterable[Job], tokenizer: Any, workers: int) -> Iterator[C
             yield future.result()
 
 
-def backend(tokenizer: Any, max_length: int | None) -> Any:
-    """A private copy of the fast tokenizer's Rust backend, truncating at ``max_length``
-    (None = never) like ``tokenizer(..., truncation=True, max_length=...)``."""
-    cache = _WORKER.setdefault("backends", {})
-    if max_length not in cache:
-        from tokenizers import Tokenizer
-
+def word_encoder(tokenizer: Any) -> WordEncoder:
+    """This process's ``WordEncoder`` over the fast tokenizer's Rust backend (its word
+    table lives as long as the process: every chunk a worker encodes adds to it)."""
+    if "encoder" not in _WORKER:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: offsets are needed")
-        copy = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        copy.no_padding()
-        if max_length is None:
-            copy.no_truncation()
-        else:
-            copy.enable_truncation(max_length)
-        cache[max_length] = copy
-    return cache[max_length]
-
-
-@dataclass
-class Encodings:
-    """A batch of encodings as flat numpy arrays: token ``ids``, character ``offsets``
-    (T, 2), ``special`` mask, and each row's first token index ``starts`` and ``lengths``."""
-
-    ids: np.ndarray
-    offsets: np.ndarray
-    special: np.ndarray | None
-    starts: np.ndarray
-    lengths: np.ndarray
+        _WORKER["encoder"] = WordEncoder(tokenizer.backend_tokenizer)
+    return _WORKER["encoder"]
 
 
 def encode_flat(tokenizer: Any, texts: list[str], max_length: int | None,
                 special: bool = False) -> Encodings:
-    encodings = backend(tokenizer, max_length).encode_batch(texts)
-    lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
-    total = int(lengths.sum())
-    chain = itertools.chain.from_iterable
-    ids = np.fromiter(chain(e.ids for e in encodings), dtype=np.int32, count=total)
-    offsets = np.fromiter(chain(chain(e.offsets for e in encodings)), dtype=np.int64,
-                          count=2 * total).reshape(-1, 2)
-    mask = (np.fromiter(chain(e.special_tokens_mask for e in encodings), dtype=np.int8, count=total)
-            if special else None)
-    starts = np.zeros(len(texts), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    return Encodings(ids, offsets, mask, starts, lengths)
-
-
-def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(s, s + n)`` for every (s, n)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lengths)
-    shift = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths)
-    return np.arange(total, dtype=np.int64) + shift
+    """``tokenizer(texts, truncation=True, max_length=max_length)`` (None = never truncate)
+    with offsets (and, with ``special``, the special-tokens mask), as flat arrays."""
+    return word_encoder(tokenizer).encode(texts, max_length, special)
 
 
 def token_spans(enc: Encodings, rows: np.ndarray, start: np.ndarray, end: np.ndarray,
@@ -407,26 +376,41 @@ def mark_batch(texts: list[str], starts: np.ndarray, ends: np.ndarray, markers: 
 # --------------------------------------------------------------------------- pretraining
 
 
+def filled(array: pa.Array, value: int = -1) -> np.ndarray:
+    """An integer column as int64, nulls as ``value``. Read from the Arrow buffer:
+    pyarrow's ``to_numpy`` imports pandas (~0.5 s of every worker's CPU)."""
+    if array.null_count == 0 and pa.types.is_integer(array.type):
+        kind = "i" if pa.types.is_signed_integer(array.type) else "u"
+        data = np.frombuffer(array.buffers()[1], dtype=f"{kind}{array.type.bit_width // 8}")
+        return data[array.offset:array.offset + len(array)].astype(np.int64)
+    return np.asarray([value if v is None else v for v in array.to_pylist()]).astype(np.int64)
+
+
+def nulls(array: pa.Array) -> np.ndarray:
+    """Where ``array`` is null, as a bool array (see ``filled``)."""
+    if array.null_count == 0:
+        return np.zeros(len(array), dtype=bool)
+    return np.asarray([v is None for v in array.to_pylist()], dtype=bool)
+
+
 def fac_chunk(tokenizer: Any, path: Path, first: int, batch: pa.RecordBatch,
               relations: list[str], max_length: int) -> Chunk:
     """T-REx-rc rows -> the features of ``kadapter.pretrain.fac_features``."""
     n = batch.num_rows
     cols = {name: batch.column(name) for name in FAC_COLUMNS}
     label = cols["label"]
-    label_values = pc.fill_null(label, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    label_values = filled(label)
     in_range = (label_values >= 0) & (label_values < len(relations))
     expected = np.asarray(relations, dtype=object)[np.where(in_range, label_values, 0)]
     relation = np.asarray(cols["relation"].to_pylist(), dtype=object)
     bad_label = ~in_range | (expected != relation)
-    offsets = np.stack([pc.fill_null(cols[c], -1).to_numpy(zero_copy_only=False).astype(np.int64)
-                        for c in ("subj_start", "subj_end", "obj_start", "obj_end")], axis=1)
-    null_offsets = np.stack([cols[c].is_null().to_numpy(zero_copy_only=False)
-                             for c in ("subj_start", "subj_end", "obj_start", "obj_end")], axis=1).any(1)
-    chars = pc.utf8_length(cols["sentence"]).to_numpy(zero_copy_only=False)
+    offsets = np.stack([filled(cols[c]) for c in ("subj_start", "subj_end", "obj_start", "obj_end")], axis=1)
+    null_offsets = np.stack([nulls(cols[c]) for c in ("subj_start", "subj_end", "obj_start", "obj_end")], axis=1).any(1)
+    chars = filled(pc.utf8_length(cols["sentence"]))
     starts, ends = offsets[:, [0, 2]], offsets[:, [1, 3]]
     outside = ((starts < 0) | (ends <= starts) | (ends > chars[:, None])).any(1)
     overlap = (starts[:, 0] < ends[:, 1]) & (starts[:, 1] < ends[:, 0])
-    bad = bad_label | null_offsets | outside | overlap | cols["sentence"].is_null().to_numpy(zero_copy_only=False)
+    bad = bad_label | null_offsets | outside | overlap | nulls(cols["sentence"])
     sentences = cols["sentence"].to_pylist()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
