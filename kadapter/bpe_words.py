@@ -109,12 +109,9 @@ class WordEncoder:
     def __init__(self, backend: Any):
         from tokenizers import Tokenizer
 
-        state = json.loads(backend.to_str())
-        self.rust = Tokenizer.from_str(backend.to_str())  # a private copy: its own settings
-        self.rust.no_padding()
-        self.rust.no_truncation()
-        truncation = state.get("truncation")
-        self.truncation = (Tokenizer.from_str(backend.to_str()), truncation)
+        text = backend.to_str()
+        state = json.loads(text)
+        self.rust = Tokenizer.from_str(text)  # a private copy: its own truncation and padding
         self.specials = supported(state)
         self.added = [t["content"] for t in state.get("added_tokens", [])]
         self.classes: dict[str, str] = {}  # character -> "L", "N", "S", "O" or "?" (unplaceable)
@@ -146,11 +143,13 @@ class WordEncoder:
         self.tokens = 0
 
     def _add_words(self, new: list[str]) -> None:
-        """Encode words met for the first time, alone, into the table."""
+        """Encode words met for the first time into the table: as one pre-tokenized
+        sequence, where each word is encoded alone, offsets relative to its start."""
         start = len(self.words) - len(new)
-        encodings = self.rust.encode_batch(new, add_special_tokens=False)
-        counts = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(new))
-        total = int(counts.sum())
+        encoding = self._truncating(None).encode(new, is_pretokenized=True, add_special_tokens=False)
+        total = len(encoding)
+        counts = np.bincount(np.fromiter(encoding.word_ids, dtype=np.int64, count=total),
+                             minlength=len(new))
         need_words, need_tokens = start + len(new), self.tokens + total
         if need_words > len(self.word_chars):
             size = max(need_words, 2 * len(self.word_chars))
@@ -166,11 +165,9 @@ class WordEncoder:
         self.word_chars[start:need_words] = np.fromiter(map(len, new), dtype=np.int64, count=len(new))
         self.token_count[start:need_words] = counts
         self.first_token[start:need_words] = self.tokens + np.cumsum(counts) - counts
-        chain = itertools.chain.from_iterable
-        self.token_ids[self.tokens:need_tokens] = np.fromiter(
-            chain(e.ids for e in encodings), dtype=np.int32, count=total)
+        self.token_ids[self.tokens:need_tokens] = encoding.ids
         self.token_offsets[self.tokens:need_tokens] = np.fromiter(
-            chain(chain(e.offsets for e in encodings)), dtype=np.int64, count=2 * total).reshape(-1, 2)
+            itertools.chain.from_iterable(encoding.offsets), dtype=np.int64, count=2 * total).reshape(-1, 2)
         self.tokens = need_tokens
 
     # ------------------------------------------------------------------ characters
@@ -234,7 +231,8 @@ class WordEncoder:
         return interleave(len(texts), [fast, slow], parts, special)
 
     def _truncating(self, max_length: int | None) -> Any:
-        rust, _ = self.truncation
+        """The tokenizer, truncating at ``max_length`` (None: never), without padding."""
+        rust = self.rust
         if max_length is None:
             rust.no_truncation()
         else:
