@@ -559,7 +559,9 @@ def mention_chunk(tokenizer: Any, path: Path, first: int, texts: list[str], star
             ragged[name] = (values[ranges(offsets[kept], target_lengths[kept])], target_lengths[kept])
         else:
             scalar[name] = target[kept]
-    chunk = Chunk(ragged, scalar, first + kept, Counter(examples=n, too_long=int(n - len(kept))))
+    # longer: ``Task.count_longer``'s count (marked text over max_length, cut or too long)
+    chunk = Chunk(ragged, scalar, first + kept, Counter(
+        examples=n, too_long=int(n - len(kept)), longer=int((enc.lengths > max_length).sum())))
     check_spans(path, chunk)
     return chunk
 
@@ -778,7 +780,7 @@ def finetune_features(task: Any, settings: Any, files: dict[str, Path], tokenize
                 counts[split] = {"examples": len(split_examples), "encoded": rows,
                                  "too_long": len(split_examples) - rows}
                 if split != "train":  # cut to a window around the markers, but kept
-                    longer = task.count_longer(split_examples, tokenizer, max_length)
+                    longer = info["counts"][split].get("longer", 0)
                     counts[split]["truncated"] = longer - counts[split]["too_long"]
             counts["train"]["negatives_dropped"] = dropped
             info.update(counts=counts, skipped=skipped.summary(), labels_found=labels_found)

@@ -134,6 +134,9 @@ def test_finetune_cache_equals_task_encode(tmp_path, tokenizer, repo_root, name,
         mapped = built.splits[split]
         assert len(mapped) == len(encoded.features)
         assert built.counts[split]["too_long"] == len(encoded.too_long)
+        if split != "train":  # counted from the chunks' encodings, as count_longer counts
+            longer = task.count_longer(split_examples, tokenizer, max_length)
+            assert built.counts[split]["truncated"] == longer - len(encoded.too_long)
         positions = {id(e): i for i, e in enumerate(split_examples)}
         assert built.kept[split].tolist() == [positions[id(e)] for e in encoded.examples]
         pad = tokenizer.pad_token_id
