@@ -257,40 +257,38 @@ class WordEncoder:
             self._add_words(list(table)[before:])
         is_sep = index == 0
         word_row = np.cumsum(is_sep) - is_sep  # the separator ends its row
-        chars = self.word_chars[index]
+        chars = self.word_chars.take(index)
         word_start = np.cumsum(chars) - chars
-        sep_at = word_start[is_sep]
-        row_char = np.concatenate([[0], sep_at + 1])  # each row's first character
-        word_pos = word_start - row_char[word_row]
+        row_char = np.concatenate([[0], word_start[is_sep] + 1])  # each row's first character
         keep = ~is_sep
-        index, word_row, word_pos = index[keep], word_row[keep], word_pos[keep]
-        counts = self.token_count[index]
-        token = ranges(self.first_token[index], counts)
+        index, word_row = index[keep], word_row[keep]
+        word_pos = word_start[keep] - row_char.take(word_row)
+        counts = self.token_count.take(index)
+        token = ranges(self.first_token.take(index), counts)
         token_row = np.repeat(word_row, counts)
+        token_pos = np.repeat(word_pos, counts)  # its word's first character in the row
         content = np.bincount(token_row, minlength=n)
-        rank = np.arange(len(token)) - row_starts(content)[token_row]
         if max_length is not None:  # truncation keeps the first tokens, then specials are added
             limit = max_length - 2
-            kept = rank < limit
-            token, token_row, rank = token[kept], token_row[kept], rank[kept]
-            counts_kept = np.repeat(word_pos, counts)[kept]
+            kept = np.arange(len(token)) - row_starts(content).take(token_row) < limit
+            token, token_row, token_pos = token[kept], token_row[kept], token_pos[kept]
             content = np.minimum(content, limit)
-        else:
-            counts_kept = np.repeat(word_pos, counts)
         lengths = content + 2
         starts = row_starts(lengths)
         total = int(lengths.sum())
         cls, sep = self.specials
         ids = np.empty(total, dtype=np.int32)
         offsets = np.zeros((total, 2), dtype=np.int64)
-        mask = np.zeros(total, dtype=np.int8)
-        place = starts[token_row] + 1 + rank
-        ids[place] = self.token_ids[token]
-        offsets[place] = self.token_offsets[token] + counts_kept[:, None]
+        place = np.arange(len(token)) + 2 * token_row + 1  # after its row's and earlier rows' specials
+        ids[place] = self.token_ids.take(token)
+        offsets[place] = self.token_offsets.take(token, axis=0) + token_pos[:, None]
         ends = starts + lengths - 1
         ids[starts], ids[ends] = cls, sep
-        mask[starts] = mask[ends] = 1
-        return Encodings(ids, offsets, mask if special else None, starts, lengths)
+        mask = None
+        if special:
+            mask = np.zeros(total, dtype=np.int8)
+            mask[starts] = mask[ends] = 1
+        return Encodings(ids, offsets, mask, starts, lengths)
 
 
 class WordTable(dict):

@@ -347,7 +347,7 @@ def check_spans(path: Path, chunk: Chunk) -> None:
 
 def mark_batch(texts: list[str], starts: np.ndarray, ends: np.ndarray, markers: tuple[str, ...]
                ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``kadapter.spans.mark_spans`` for a batch of texts with k spans each (columns of
+    """``kadapter.spans.mark_spans`` for a batch of texts with k = 1 or 2 spans each (columns of
     ``starts``/``ends``, already checked): the marked texts, and the (N, k) character
     start of each opening marker and (N, k, 2) span of each mention in them."""
     n, k = starts.shape
@@ -360,16 +360,17 @@ def mark_batch(texts: list[str], starts: np.ndarray, ends: np.ndarray, markers: 
     shift = np.take_along_axis(before, rank, axis=1)
     marker_start = starts + shift
     mention = np.stack([starts + shift + opening, ends + shift + opening], axis=-1)
-    marked = []
-    s_sorted, e_sorted = np.take_along_axis(starts, order, 1).tolist(), np.take_along_axis(ends, order, 1).tolist()
-    for text, s_row, e_row, o_row in zip(texts, s_sorted, e_sorted, order.tolist()):
-        pieces, cursor = [], 0
-        for s, e, which in zip(s_row, e_row, o_row):
-            m = markers[which]
-            pieces += [text[cursor:s], m, " ", text[s:e], " ", m]
-            cursor = e
-        pieces.append(text[cursor:])
-        marked.append("".join(pieces))
+    s_sorted, e_sorted = np.take_along_axis(starts, order, 1), np.take_along_axis(ends, order, 1)
+    m = np.asarray(markers, dtype=object)[order]
+    a, b, x = s_sorted[:, 0].tolist(), e_sorted[:, 0].tolist(), m[:, 0].tolist()
+    if k == 1:  # entity typing; one f-string a text
+        marked = [f"{t[:s]}{p} {t[s:e]} {p}{t[e:]}" for t, s, e, p in zip(texts, a, b, x)]
+    elif k == 2:  # fac, TACRED
+        c, d, y = s_sorted[:, 1].tolist(), e_sorted[:, 1].tolist(), m[:, 1].tolist()
+        marked = [f"{t[:s]}{p} {t[s:e]} {p}{t[e:s2]}{q} {t[s2:e2]} {q}{t[e2:]}"
+                  for t, s, e, p, s2, e2, q in zip(texts, a, b, x, c, d, y)]
+    else:
+        raise ValueError(f"mark_batch marks 1 or 2 spans a text, not {k}")
     return marked, marker_start, mention
 
 
