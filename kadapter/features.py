@@ -16,9 +16,10 @@ complete; a build that dies leaves nothing a later run would trust.
 Building: the rows are cut into chunks of ``CHUNK_ROWS``; a process pool of ``workers``
 (each with its own copy of the fast tokenizer) turns chunks into columns, and the main
 process appends them, in chunk order, to the column files (so memory stays that of a few
-chunks and the bytes do not depend on the number of workers). Inside a chunk the fast
-tokenizer encodes the whole batch and the character-to-token alignment runs on numpy
-arrays (``token_spans``) instead of a Python loop per example. Every span is checked
+chunks and the bytes do not depend on the number of workers). Inside a chunk
+``kadapter.bpe_words.WordEncoder`` gives the fast tokenizer's encodings of the whole batch
+while running its BPE once per distinct word, and the character-to-token alignment runs
+on numpy arrays (``token_spans``) instead of a Python loop per example. Every span is checked
 against its sequence when it is built (``check_spans``): the training step no longer
 checks anything on the device.
 
