@@ -12,18 +12,18 @@ per text, on every text: about 2/3 of the feature stage's time.
 
 ``WordEncoder`` does the same with the splitting in Python's ``re`` over the whole batch
 at once (one ``findall`` on the texts joined by a separator) and a table of every word
-met so far: a new word is encoded by the real tokenizer, alone (a word the expression
-produced is one word again on its own, and its tokens and offsets relative to its first
-character are those it has in context); then every token, offset and special token of the
-batch is laid out with numpy. The same expression works in ``re`` because each character
+met so far: the new words of a batch are encoded by the real tokenizer, each on its own
+(one pre-tokenized sequence; a word the expression produced is one word again on its
+own, and its tokens and offsets relative to its first character are those it has in
+context); then every token, offset and special token of the batch is laid out with numpy. The same expression works in ``re`` because each character
 is given the class (letter, number, space, other) that the tokenizer's own pre-tokenizer
 shows for it, asked once per distinct character (so the Unicode tables of the two regular
 expression engines never have to agree). What it cannot vouch for goes to the tokenizer
 as it is: a text holding an added token's text (``<mask>``...), the separator or a
 character the probes cannot place, and every text when the tokenizer is not byte-level
 BPE with RobertaProcessing, or when the self-check against ``encode_batch`` on tricky
-texts (run once per encoder) fails. So the output is ``encode_batch``'s, always; the
-tests compare the two on the real T-REx sample and on adversarial texts.
+texts (run once per encoder) fails. So the output is ``encode_batch``'s; the tests
+compare the two on the real T-REx sample and on adversarial texts.
 """
 
 from __future__ import annotations
