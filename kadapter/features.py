@@ -16,9 +16,10 @@ complete; a build that dies leaves nothing a later run would trust.
 Building: the rows are cut into chunks of ``CHUNK_ROWS``; a process pool of ``workers``
 (each with its own copy of the fast tokenizer) turns chunks into columns, and the main
 process appends them, in chunk order, to the column files (so memory stays that of a few
-chunks and the bytes do not depend on the number of workers). Inside a chunk the fast
-tokenizer encodes the whole batch and the character-to-token alignment runs on numpy
-arrays (``token_spans``) instead of a Python loop per example. Every span is checked
+chunks and the bytes do not depend on the number of workers). Inside a chunk
+``kadapter.bpe_words.WordEncoder`` gives the fast tokenizer's encodings of the whole batch
+while running its BPE once per distinct word, and the character-to-token alignment runs
+on numpy arrays (``token_spans``) instead of a Python loop per example. Every span is checked
 against its sequence when it is built (``check_spans``): the training step no longer
 checks anything on the device.
 
@@ -36,7 +37,7 @@ baseline.
 from __future__ import annotations
 
 import contextlib
-import itertools
+import gc
 import multiprocessing
 import os
 from collections import Counter
@@ -51,6 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kadapter.bpe_words import Encodings, WordEncoder, ranges
 from kadapter.io import (
     InputError,
     atomic_output_dir,
@@ -212,8 +214,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer: Any) -> None:
-    _WORKER["tokenizer"] = tokenizer
-    _WORKER["backends"] = {}
+    if _WORKER.get("tokenizer") is not tokenizer:  # a new tokenizer: a new word table
+        _WORKER.clear()
+        _WORKER["tokenizer"] = tokenizer
 
 
 Job = tuple[Callable[..., Chunk], tuple]
@@ -221,7 +224,15 @@ Job = tuple[Callable[..., Chunk], tuple]
 
 def _call(job: Job) -> Chunk:
     function, args = job
-    return function(_WORKER["tokenizer"], *args)
+    # A chunk makes ~10^5 short-lived objects and no cycle: with the collector on, they
+    # trigger full collections over everything the process holds (torch, pyarrow...).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return function(_WORKER["tokenizer"], *args)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def ordered_map(jobs: Iterable[Job], tokenizer: Any, workers: int) -> Iterator[Chunk]:
@@ -247,62 +258,21 @@ def ordered_map(jobs: Iterable[Job], tokenizer: Any, workers: int) -> Iterator[C
             yield future.result()
 
 
-def backend(tokenizer: Any, max_length: int | None) -> Any:
-    """A private copy of the fast tokenizer's Rust backend, truncating at ``max_length``
-    (None = never) like ``tokenizer(..., truncation=True, max_length=...)``."""
-    cache = _WORKER.setdefault("backends", {})
-    if max_length not in cache:
-        from tokenizers import Tokenizer
-
+def word_encoder(tokenizer: Any) -> WordEncoder:
+    """This process's ``WordEncoder`` over the fast tokenizer's Rust backend (its word
+    table lives as long as the process: every chunk a worker encodes adds to it)."""
+    if "encoder" not in _WORKER:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: offsets are needed")
-        copy = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        copy.no_padding()
-        if max_length is None:
-            copy.no_truncation()
-        else:
-            copy.enable_truncation(max_length)
-        cache[max_length] = copy
-    return cache[max_length]
-
-
-@dataclass
-class Encodings:
-    """A batch of encodings as flat numpy arrays: token ``ids``, character ``offsets``
-    (T, 2), ``special`` mask, and each row's first token index ``starts`` and ``lengths``."""
-
-    ids: np.ndarray
-    offsets: np.ndarray
-    special: np.ndarray | None
-    starts: np.ndarray
-    lengths: np.ndarray
+        _WORKER["encoder"] = WordEncoder(tokenizer.backend_tokenizer)
+    return _WORKER["encoder"]
 
 
 def encode_flat(tokenizer: Any, texts: list[str], max_length: int | None,
                 special: bool = False) -> Encodings:
-    encodings = backend(tokenizer, max_length).encode_batch(texts)
-    lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
-    total = int(lengths.sum())
-    chain = itertools.chain.from_iterable
-    ids = np.fromiter(chain(e.ids for e in encodings), dtype=np.int32, count=total)
-    offsets = np.fromiter(chain(chain(e.offsets for e in encodings)), dtype=np.int64,
-                          count=2 * total).reshape(-1, 2)
-    mask = (np.fromiter(chain(e.special_tokens_mask for e in encodings), dtype=np.int8, count=total)
-            if special else None)
-    starts = np.zeros(len(texts), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    return Encodings(ids, offsets, mask, starts, lengths)
-
-
-def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(s, s + n)`` for every (s, n)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lengths)
-    shift = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths)
-    return np.arange(total, dtype=np.int64) + shift
+    """``tokenizer(texts, truncation=True, max_length=max_length)`` (None = never truncate)
+    with offsets (and, with ``special``, the special-tokens mask), as flat arrays."""
+    return word_encoder(tokenizer).encode(texts, max_length, special)
 
 
 def token_spans(enc: Encodings, rows: np.ndarray, start: np.ndarray, end: np.ndarray,
@@ -378,7 +348,7 @@ def check_spans(path: Path, chunk: Chunk) -> None:
 
 def mark_batch(texts: list[str], starts: np.ndarray, ends: np.ndarray, markers: tuple[str, ...]
                ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``kadapter.spans.mark_spans`` for a batch of texts with k spans each (columns of
+    """``kadapter.spans.mark_spans`` for a batch of texts with k = 1 or 2 spans each (columns of
     ``starts``/``ends``, already checked): the marked texts, and the (N, k) character
     start of each opening marker and (N, k, 2) span of each mention in them."""
     n, k = starts.shape
@@ -391,20 +361,38 @@ def mark_batch(texts: list[str], starts: np.ndarray, ends: np.ndarray, markers: 
     shift = np.take_along_axis(before, rank, axis=1)
     marker_start = starts + shift
     mention = np.stack([starts + shift + opening, ends + shift + opening], axis=-1)
-    marked = []
-    s_sorted, e_sorted = np.take_along_axis(starts, order, 1).tolist(), np.take_along_axis(ends, order, 1).tolist()
-    for text, s_row, e_row, o_row in zip(texts, s_sorted, e_sorted, order.tolist()):
-        pieces, cursor = [], 0
-        for s, e, which in zip(s_row, e_row, o_row):
-            m = markers[which]
-            pieces += [text[cursor:s], m, " ", text[s:e], " ", m]
-            cursor = e
-        pieces.append(text[cursor:])
-        marked.append("".join(pieces))
+    s_sorted, e_sorted = np.take_along_axis(starts, order, 1), np.take_along_axis(ends, order, 1)
+    m = np.asarray(markers, dtype=object)[order]
+    a, b, x = s_sorted[:, 0].tolist(), e_sorted[:, 0].tolist(), m[:, 0].tolist()
+    if k == 1:  # entity typing; one f-string a text
+        marked = [f"{t[:s]}{p} {t[s:e]} {p}{t[e:]}" for t, s, e, p in zip(texts, a, b, x)]
+    elif k == 2:  # fac, TACRED
+        c, d, y = s_sorted[:, 1].tolist(), e_sorted[:, 1].tolist(), m[:, 1].tolist()
+        marked = [f"{t[:s]}{p} {t[s:e]} {p}{t[e:s2]}{q} {t[s2:e2]} {q}{t[e2:]}"
+                  for t, s, e, p, s2, e2, q in zip(texts, a, b, x, c, d, y)]
+    else:
+        raise ValueError(f"mark_batch marks 1 or 2 spans a text, not {k}")
     return marked, marker_start, mention
 
 
 # --------------------------------------------------------------------------- pretraining
+
+
+def filled(array: pa.Array, value: int = -1) -> np.ndarray:
+    """An integer column as int64, nulls as ``value``. Read from the Arrow buffer:
+    pyarrow's ``to_numpy`` imports pandas (~0.5 s of every worker's CPU)."""
+    if array.null_count == 0 and pa.types.is_integer(array.type):
+        kind = "i" if pa.types.is_signed_integer(array.type) else "u"
+        data = np.frombuffer(array.buffers()[1], dtype=f"{kind}{array.type.bit_width // 8}")
+        return data[array.offset:array.offset + len(array)].astype(np.int64)
+    return np.asarray([value if v is None else v for v in array.to_pylist()]).astype(np.int64)
+
+
+def nulls(array: pa.Array) -> np.ndarray:
+    """Where ``array`` is null, as a bool array (see ``filled``)."""
+    if array.null_count == 0:
+        return np.zeros(len(array), dtype=bool)
+    return np.asarray([v is None for v in array.to_pylist()], dtype=bool)
 
 
 def fac_chunk(tokenizer: Any, path: Path, first: int, batch: pa.RecordBatch,
@@ -413,20 +401,18 @@ def fac_chunk(tokenizer: Any, path: Path, first: int, batch: pa.RecordBatch,
     n = batch.num_rows
     cols = {name: batch.column(name) for name in FAC_COLUMNS}
     label = cols["label"]
-    label_values = pc.fill_null(label, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    label_values = filled(label)
     in_range = (label_values >= 0) & (label_values < len(relations))
     expected = np.asarray(relations, dtype=object)[np.where(in_range, label_values, 0)]
     relation = np.asarray(cols["relation"].to_pylist(), dtype=object)
     bad_label = ~in_range | (expected != relation)
-    offsets = np.stack([pc.fill_null(cols[c], -1).to_numpy(zero_copy_only=False).astype(np.int64)
-                        for c in ("subj_start", "subj_end", "obj_start", "obj_end")], axis=1)
-    null_offsets = np.stack([cols[c].is_null().to_numpy(zero_copy_only=False)
-                             for c in ("subj_start", "subj_end", "obj_start", "obj_end")], axis=1).any(1)
-    chars = pc.utf8_length(cols["sentence"]).to_numpy(zero_copy_only=False)
+    offsets = np.stack([filled(cols[c]) for c in ("subj_start", "subj_end", "obj_start", "obj_end")], axis=1)
+    null_offsets = np.stack([nulls(cols[c]) for c in ("subj_start", "subj_end", "obj_start", "obj_end")], axis=1).any(1)
+    chars = filled(pc.utf8_length(cols["sentence"]))
     starts, ends = offsets[:, [0, 2]], offsets[:, [1, 3]]
     outside = ((starts < 0) | (ends <= starts) | (ends > chars[:, None])).any(1)
     overlap = (starts[:, 0] < ends[:, 1]) & (starts[:, 1] < ends[:, 0])
-    bad = bad_label | null_offsets | outside | overlap | cols["sentence"].is_null().to_numpy(zero_copy_only=False)
+    bad = bad_label | null_offsets | outside | overlap | nulls(cols["sentence"])
     sentences = cols["sentence"].to_pylist()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -575,7 +561,9 @@ def mention_chunk(tokenizer: Any, path: Path, first: int, texts: list[str], star
             ragged[name] = (values[ranges(offsets[kept], target_lengths[kept])], target_lengths[kept])
         else:
             scalar[name] = target[kept]
-    chunk = Chunk(ragged, scalar, first + kept, Counter(examples=n, too_long=int(n - len(kept))))
+    # longer: ``Task.count_longer``'s count (marked text over max_length, cut or too long)
+    chunk = Chunk(ragged, scalar, first + kept, Counter(
+        examples=n, too_long=int(n - len(kept)), longer=int((enc.lengths > max_length).sum())))
     check_spans(path, chunk)
     return chunk
 
@@ -794,7 +782,7 @@ def finetune_features(task: Any, settings: Any, files: dict[str, Path], tokenize
                 counts[split] = {"examples": len(split_examples), "encoded": rows,
                                  "too_long": len(split_examples) - rows}
                 if split != "train":  # cut to a window around the markers, but kept
-                    longer = task.count_longer(split_examples, tokenizer, max_length)
+                    longer = info["counts"][split].get("longer", 0)
                     counts[split]["truncated"] = longer - counts[split]["too_long"]
             counts["train"]["negatives_dropped"] = dropped
             info.update(counts=counts, skipped=skipped.summary(), labels_found=labels_found)

@@ -134,6 +134,9 @@ def test_finetune_cache_equals_task_encode(tmp_path, tokenizer, repo_root, name,
         mapped = built.splits[split]
         assert len(mapped) == len(encoded.features)
         assert built.counts[split]["too_long"] == len(encoded.too_long)
+        if split != "train":  # counted from the chunks' encodings, as count_longer counts
+            longer = task.count_longer(split_examples, tokenizer, max_length)
+            assert built.counts[split]["truncated"] == longer - len(encoded.too_long)
         positions = {id(e): i for i, e in enumerate(split_examples)}
         assert built.kept[split].tolist() == [positions[id(e)] for e in encoded.examples]
         pad = tokenizer.pad_token_id
@@ -227,3 +230,31 @@ def test_process_group_timeout_comes_from_the_config():
     assert TrainingConfig().process_group_timeout_s == 7200
     accelerator = make_accelerator(TrainingConfig(process_group_timeout_s=3600))
     assert accelerator.init_handler.timeout == timedelta(seconds=3600)
+
+
+@pytest.mark.parametrize("max_length", [64, 24])  # 24 truncates most of the real sentences
+def test_fac_cache_equals_reference_on_the_real_trex_sample(tmp_path, tokenizer, shared_real,
+                                                            monkeypatch, max_length):
+    """The T-REx stage's rows from the real T-REx sample (several entity pairs per
+    sentence, markers beside brackets, IPA, semicolons, at the sentence start): the word
+    path's cache equals the reference, in one process or in chunks over a pool."""
+    from kadapter.trex import TrexConfig, build_trex_rc
+
+    config = TrexConfig(input=str(shared_real / "trex-sample-output.json"), min_entity_count=1,
+                        min_relation_pairs=1, dev_fraction=0.0)
+    data = tmp_path / "rc"
+    build_trex_rc(config, seed=0, output_dir=data)
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(data / "train.parquet"), data / "dev.parquet")
+    relations = json.loads((data / "relations.json").read_text())
+    reference, counts = fac_features(data / "train.parquet", tokenizer, max_length, relations)
+    assert counts["rows"] == 70
+    one = pretrain_features("fac", data, tmp_path / "one", tokenizer, max_length, workers=1)
+    assert_same_table(one["train"], reference)
+    assert one["counts"]["train"]["skipped_truncated"] == counts.get("skipped_truncated", 0)
+    monkeypatch.setattr(features, "CHUNK_ROWS", 16)
+    two = pretrain_features("fac", data, tmp_path / "two", tokenizer, max_length, workers=2)
+    for path in sorted(Path(one["cache"]).rglob("*")):
+        if path.is_file() and path.name != "features.json":
+            assert path.read_bytes() == (Path(two["cache"]) / path.relative_to(one["cache"])).read_bytes()

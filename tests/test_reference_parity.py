@@ -378,7 +378,8 @@ def test_figer_run_manifest_counts_types_truncation_and_skipped_records(tmp_path
     preset = {"preset": "test", "seed": 3,
               "model": {"name_or_path": "tiny", "tiny_dir": str(tiny_model_dir),
                         "tiny_corpus": str(repo_root / "data/sample")},
-              "finetune": {"output_dir": str(tmp_path / "runs"), "figer": {
+              "finetune": {"output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "features"),
+                           "figer": {
                   "data_dir": str(data), "max_length": 24, "batch_size": 8, "max_steps": 2,
                   "eval_every": 2, "log_every": 1, "save_every": 0, "on_error": "skip",
                   "classifier": "original", "labels": sorted(types)}}}
