@@ -586,18 +586,26 @@ def pair_counts_of(pair_tables: list[pa.Table]) -> dict[str, int]:
             for row in pairs.group_by("relation").aggregate([([], "count_all")]).to_pylist()}
 
 
-def label_and_split(table: pa.Table, kept_relations: pa.Array) -> list[tuple[str, pa.Table]]:
-    """Relation filter, label column, split: the non-empty (split, part) of one file, in
-    the order they are written."""
+def label(table: pa.Table, kept_relations: pa.Array) -> pa.Table:
+    """Relation filter and label column (the index of the relation in ``kept_relations``)."""
     table = table.filter(pc.is_in(table["relation"], value_set=kept_relations))
     labels = pc.cast(pc.index_in(table["relation"], value_set=kept_relations), pa.int64())
-    table = table.append_column("label", labels)
+    return table.append_column("label", labels)
+
+
+def split_parts(table: pa.Table) -> list[tuple[str, pa.Table]]:
+    """One file's labelled rows -> its non-empty (split, part), in the order they are written."""
     parts = []
     for split, mask in (("train", pc.invert(table["dev"])), ("dev", table["dev"])):
-        part = table.filter(mask).drop_columns(["dev"]).select(OUTPUT_SCHEMA.names)
+        part = table.filter(mask).select(OUTPUT_SCHEMA.names)
         if part.num_rows:
             parts.append((split, part))
     return parts
+
+
+def label_and_split(table: pa.Table, kept_relations: pa.Array) -> list[tuple[str, pa.Table]]:
+    """Relation filter, label column, split: the non-empty (split, part) of one file."""
+    return split_parts(label(table, kept_relations))
 
 
 def _docids_of(scan: FileScan) -> tuple[np.ndarray, np.ndarray]:
