@@ -28,7 +28,6 @@ on the T-REx file index), so the bytes do not depend on scheduling.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -108,6 +107,10 @@ def _scan_files(batch: pa.Table, seed: int, dev_fraction: float, exclude: frozen
 def _one_list(values: pa.Array) -> pa.ListArray:
     """A list column of one row holding ``values``."""
     return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+
+
+def _without_files(block: pa.Table, files: list[int]) -> pa.Table:
+    return block.filter(pc.invert(pc.is_in(block["file"], value_set=pa.array(files, pa.int32()))))
 
 
 def _candidates(block: pa.Table) -> pa.Table:
@@ -190,32 +193,37 @@ class RayTrex:
         self.session.__enter__()
         self.scanned = self.filtered = None
 
-    def scan(self, skips: dict[int, frozenset[str]]) -> tuple[Any, int, list]:
+    def scan(self, skips: dict[int, frozenset[str]],
+             before: dict[int, frozenset[str]] | None = None) -> tuple[Any, int, list]:
         """Pass 1, one Ray Data task per file (see ``trex.LocalTrex.scan``); the scanned
-        files stay in Ray's object store."""
+        files stay in Ray's object store. With ``before``, only the files whose skips
+        changed are parsed again, and their rows replace the earlier ones."""
         import pickle
 
         import ray.data
 
         config = self.config
-        files = ray.data.from_items(
-            [{"file": i, "path": str(p), "skip": sorted(skips.get(i, ()))}
-             for i, p in enumerate(self.paths)], override_num_blocks=len(self.paths))
-        self.scanned = data_context(files, self.progress).map_batches(
+        files = [i for i in range(len(self.paths))
+                 if before is None or skips.get(i, frozenset()) != before.get(i, frozenset())]
+        items = ray.data.from_items(
+            [{"file": i, "path": str(self.paths[i]), "skip": sorted(skips.get(i, ()))}
+             for i in files], override_num_blocks=len(files))
+        scanned = data_context(items, self.progress).map_batches(
             _scan_files, batch_size=1, batch_format="pyarrow",
             fn_kwargs={"seed": self.seed, "dev_fraction": config.dev_fraction,
                        "exclude": frozenset(config.exclude_relations),
-                       "on_error": config.on_error}).materialize()
+                       "on_error": config.on_error})
+        if before is not None:  # the other files' rows, then the new ones, in file order
+            others = self.scanned.map_batches(_without_files, batch_size=None,
+                                              batch_format="pyarrow", fn_kwargs={"files": files})
+            scanned = others.union(scanned).sort("file")
+        self.scanned = scanned.materialize()
         rows = self.scanned.select_columns(["file", "scan"]).take_all()
         scans = [pickle.loads(row["scan"]) for row in sorted(rows, key=lambda r: r["file"])]
-        stats, candidates, docids = Counter(), 0, []
         for scan in scans:  # in input order: the first bad file is the local engine's
             if scan.error:
                 raise InputError(*scan.error)
-            stats.update(scan.stats)
-            candidates += scan.candidates
-            docids.append(trex._docids_of(scan))
-        return stats, candidates, docids
+        return trex._totals(scans)
 
     def entity_totals(self, min_count: int) -> tuple[int, int, pa.Array]:
         entity_counts, _ = _aggregations()
