@@ -25,7 +25,7 @@ sentences.
 Pass 1 (parallel over files) decodes each file into typed structs holding only the
 fields used (msgspec; a file that does not fit them is decoded as plain dicts, where the
 checks name its bad records), counts and collects the candidates: in a spill parquet
-(``engine: local``) or as an Arrow table in Ray's object store (``engine: ray``,
+(``engine: local``) or as Arrow blocks of a Ray Data dataset (``engine: ray``,
 kadapter/ray_engine.py). Passes 2 and 3 (columnar, pyarrow, the same functions for
 both engines) apply the filters and write ``train.parquet`` / ``dev.parquet``. Rows are ordered by input file (sorted paths),
 then docid, sentence, offsets and relation; the bytes do not depend on ``workers`` or
