@@ -126,7 +126,7 @@ class TrexConfig:
     """Processes that parse input files in parallel (the output does not depend on it);
     with ``engine: ray`` and no ``ray_address``, the CPUs of the local Ray started."""
     engine: Literal["local", "ray"] = "local"
-    """``local``: a process pool on this machine; ``ray``: Ray tasks and Ray Data on a
+    """``local``: a process pool on this machine; ``ray``: Ray Data (one task per file) on a
     local Ray or a cluster (``ray_address``). Same bytes out either way."""
     ray_address: str | None = None
     """With ``engine: ray``: None starts a local Ray with ``workers`` CPUs; ``auto`` joins
