@@ -1,20 +1,23 @@
 """Local engine vs Ray, both data stages, on the same generated input.
 
-    python benchmarks/engines.py [--trex-mb 48] [--deps-lines 1200] [--workers 1 2]
+    python benchmarks/engines.py [--trex-mb 48] [--deps-lines 2400] [--workers 1 2]
+        [--repeats 3]
 
-For each stage and each worker count N, the local engine with ``workers: N`` and Ray
-(a local Ray started with N CPUs) each run the stage, after an untimed warm-up, on a
-small and on a full input
+For each worker count N, the local engine with ``workers: N`` and Ray (a local Ray
+started with N CPUs, ``ray.init`` timed apart, joined by every run) each run both
+stages, after an untimed warm-up, ``--repeats`` times on a small and on a full input
 (T-REx: ``--trex-mb`` of JSON in 8 files from benchmarks/trex_throughput.py's
 generator, and a sixth of it; dependencies: ``--deps-lines`` lines of the sample's
-prose, and a sixth of it). The difference of the two runs is the marginal rate, which
-leaves out every fixed cost (process and actor start-up, model loading): per worker, the
-rate a cluster multiplies (N nodes of W workers ~ N x W x that rate, as long as the
-driver keeps up). Ray's own start-up (``ray.init``) is timed separately. Writes
-runs/bench/engines.json: per stage, engine and N the seconds of both runs, the
-marginal and per-worker rates, Ray start-up, the ratio Ray / local of the per-worker
-rates (target: >= 0.8), and whether all outputs are byte-identical. The load average
-is recorded too: on a shared machine wall-clock rates move with it.
+prose, and a sixth of it). The difference of the medians of the two is the marginal
+rate, which leaves out every fixed cost (process and actor start-up, model loading,
+Ray Data planning), per wall second and per CPU-second of this process and every
+process it starts (benchmarks/cputime.py: pool workers, Ray's raylet, workers and
+actors). Per CPU-second is the per-worker rate a cluster multiplies (N nodes of W
+workers ~ N x W x that rate, as long as the driver keeps up), and it holds up on a
+shared machine where wall-clock rates follow the other users' load. Writes
+runs/bench/engines.json: per stage, engine and N the seconds of every run, the rates,
+Ray start-up, the ratios Ray / local of the per-CPU-second and per-worker wall rates
+(target: >= 0.8), whether all outputs are byte-identical, and the load average.
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from cputime import marginal, timed  # noqa: E402
 from deps_throughput import sample_lines  # noqa: E402
 from trex_throughput import build_input  # noqa: E402
 
@@ -49,12 +52,6 @@ def digest(directory: Path, names: tuple[str, ...]) -> str:
     return sha.hexdigest()
 
 
-def timed(function, **kwargs) -> tuple[float, object]:
-    started = time.perf_counter()
-    result = function(**kwargs)
-    return time.perf_counter() - started, result
-
-
 def trex_job(input_dir: Path, out: Path, engine: str, workers: int):
     config = TrexConfig(input=str(input_dir), min_entity_count=3, min_relation_pairs=3,
                         engine=engine, workers=workers)
@@ -63,15 +60,16 @@ def trex_job(input_dir: Path, out: Path, engine: str, workers: int):
 
 def deps_job(input_dir: Path, out: Path, engine: str, workers: int):
     config = DepsConfig(input=str(input_dir), output_dir=str(out), min_words=1, max_words=1000,
-                        engine=engine, workers=workers, batch_size=64)
+                        engine=engine, workers=workers, batch_size=256)
     return lambda: build_deps(config, seed=0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trex-mb", type=float, default=48.0)
-    parser.add_argument("--deps-lines", type=int, default=1200)
+    parser.add_argument("--deps-lines", type=int, default=2400)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--source", default=str(REPO / "data/sample/trex/*.json"),
                         help="T-REx JSON to replicate (e.g. ../shared/real/trex-sample-output.json)")
     parser.add_argument("--out", default=str(REPO / "runs/bench/engines.json"))
@@ -94,56 +92,56 @@ def main() -> None:
             inputs[("deps", name)] = (scratch / f"deps-{name}", None)  # sentences: from the manifest
         stages = {"trex": (trex_job, ("train.parquet", "dev.parquet", "relations.json"), "MB"),
                   "deps": (deps_job, ("train.parquet", "dev.parquet"), "sentences")}
-        report: dict = {"stages": {}, "ray_startup_seconds": {}, "load_average_before": os.getloadavg()}
+        report: dict = {"stages": {}, "ray_startup_seconds": {}, "repeats": args.repeats,
+                        "load_average_before": os.getloadavg()}
         digests: dict = {stage: set() for stage in stages}
         for workers in args.workers:
             for engine in ("local", "ray"):
                 if engine == "ray":
-                    seconds, _ = timed(ray.init, num_cpus=workers, include_dashboard=False,
-                                       log_to_driver=False, object_store_memory=500 * 2**20,
-                                       configure_logging=False)
+                    seconds, _, _ = timed(ray.init, num_cpus=workers, include_dashboard=False,
+                                          log_to_driver=False, object_store_memory=500 * 2**20,
+                                          configure_logging=False)
                     report["ray_startup_seconds"][str(workers)] = round(seconds, 2)
                 try:
                     for stage, (job, names, unit) in stages.items():
                         # warm-up (imports, Arrow kernels, Ray's first workers): untimed
                         job(inputs[(stage, "small")][0], scratch / f"warm-up-{stage}", engine, workers)()
-                        row = {}
-                        for size in ("small", "full"):
-                            input_dir, amount = inputs[(stage, size)]
-                            out = scratch / f"out-{stage}-{engine}-{workers}-{size}"
-                            seconds, manifest = timed(job(input_dir, out, engine, workers))
-                            row[f"{size}_seconds"] = round(seconds, 2)
-                            if amount is None:
-                                amount = manifest["counts"]["sentences"]["kept"]
-                            row[f"{size}_{unit.lower()}"] = amount
-                            if size == "full":
-                                digests[stage].add(digest(out, names))
-                        extra = row["full_seconds"] - row["small_seconds"]
-                        # a difference under a tenth of the full run is noise (a loaded machine)
-                        marginal = (None if extra < 0.1 * row["full_seconds"] else
-                                    (row[f"full_{unit.lower()}"] - row[f"small_{unit.lower()}"]) / extra)
-                        row[f"{unit.lower()}_per_s"] = marginal and round(marginal, 1)
-                        row[f"{unit.lower()}_per_s_per_worker"] = marginal and round(marginal / workers, 1)
+                        runs: dict = {"small": [], "full": []}
+                        amounts: dict = {}
+                        for repeat in range(args.repeats):
+                            for size in ("small", "full"):
+                                input_dir, amount = inputs[(stage, size)]
+                                out = scratch / f"out-{stage}-{engine}-{workers}-{size}-{repeat}"
+                                wall, cpu, manifest = timed(job(input_dir, out, engine, workers))
+                                runs[size].append((wall, cpu))
+                                amounts[size] = (manifest["counts"]["sentences"]["kept"]
+                                                 if amount is None else amount)
+                                if size == "full":
+                                    digests[stage].add(digest(out, names))
+                                shutil.rmtree(out)
+                        row = marginal(runs["small"], runs["full"], amounts["small"], amounts["full"])
+                        row.update(unit=unit, small_amount=amounts["small"], full_amount=amounts["full"],
+                                   per_wall_s_per_worker=row["per_wall_s"] and round(row["per_wall_s"] / workers, 1))
                         report["stages"].setdefault(stage, {}).setdefault(engine, {})[str(workers)] = row
-                        rate = ("too noisy to tell" if marginal is None else
-                                f"{marginal:.1f} {unit}/s, {marginal / workers:.1f} per worker")
-                        print(f"{stage} {engine} workers={workers}: {row['small_seconds']}s / "
-                              f"{row['full_seconds']}s -> {rate}", flush=True)
+                        print(f"{stage} {engine} workers={workers}: full {row['full_wall_s']} s "
+                              f"({row['full_cpu_s']} CPU-s), small {row['small_wall_s']} s -> "
+                              f"{row['per_cpu_s']} {unit} per CPU-second, "
+                              f"{row['per_wall_s_per_worker']} per wall second per worker", flush=True)
                 finally:
                     if engine == "ray":
                         ray.shutdown()
-        for stage, (_, _, unit) in stages.items():
-            key = f"{unit.lower()}_per_s_per_worker"
+        for stage in stages:
             by_engine = report["stages"][stage]
-            report["stages"][stage]["ray_vs_local_per_worker"] = {
-                str(w): (round(by_engine["ray"][str(w)][key] / by_engine["local"][str(w)][key], 2)
-                         if by_engine["ray"][str(w)][key] and by_engine["local"][str(w)][key]
-                         else None)
-                for w in args.workers}
-            report["stages"][stage]["outputs_identical"] = len(digests[stage]) == 1
-            print(f"{stage}: Ray / local per-worker rate "
-                  f"{report['stages'][stage]['ray_vs_local_per_worker']}, outputs identical "
-                  f"across engines and worker counts: {len(digests[stage]) == 1}")
+            for key in ("per_cpu_s", "per_wall_s_per_worker"):
+                by_engine[f"ray_vs_local_{key}"] = {
+                    str(w): (round(by_engine["ray"][str(w)][key] / by_engine["local"][str(w)][key], 2)
+                             if by_engine["ray"][str(w)][key] and by_engine["local"][str(w)][key]
+                             else None)
+                    for w in args.workers}
+            by_engine["outputs_identical"] = len(digests[stage]) == 1
+            print(f"{stage}: Ray / local per CPU-second {by_engine['ray_vs_local_per_cpu_s']}, "
+                  f"per wall second per worker {by_engine['ray_vs_local_per_wall_s_per_worker']}; "
+                  f"outputs identical across engines and worker counts: {len(digests[stage]) == 1}")
         report.update({"target_ratio": TARGET_RATIO, "load_average_after": os.getloadavg(),
                        "cpu_count": os.cpu_count(), "source": args.source, "versions": versions()})
         atomic_write_json(args.out, report)

@@ -1,14 +1,17 @@
 """``engine: ray`` for the data stages: the same per-file and per-batch functions as the
 local engine (kadapter/trex.py, kadapter/deps.py), scheduled on a Ray cluster.
 
-- T-REx: one Ray task per input file runs ``trex.scan_table``; its candidate table stays
-  in Ray's object store (an Arrow block, no spill file). Entity mention counts and the
-  distinct (relation, subject, object) pairs are summed by a tree of reduce tasks (fan-in
-  ``FAN_IN``) and only the totals reach the driver; the entity filter and the
-  label/split step run as one task per file again, and the driver writes the parts in
-  input-file order, the same Parquet row groups as the local engine. (Ray Data's
-  hash-shuffle groupby took 4-23 s per aggregation on a 2-CPU local Ray, more than the
-  whole stage on 40 MB; the tree of tasks takes a fraction of a second.)
+- T-REx, on Ray Data: a dataset of the input files; ``map_batches`` runs
+  ``trex.scan_table`` once per file and gives one row per file (its pickled scan, and its
+  entity counts and candidates as Arrow list columns: Arrow blocks in Ray's object
+  store, no spill file). ``Dataset.aggregate`` with two custom aggregations sums the
+  entity counts and collects the distinct (relation, subject, object) pairs: each block
+  gives a partial table, one reduce task merges them (the sort-based pull shuffle,
+  which with no key moves only the partial tables; Ray Data's default hash shuffle
+  starts aggregator actors, ~4 s per aggregation on a 2-CPU local Ray). The entity
+  filter and the relation filter and labels are ``map_batches`` steps over the blocks;
+  the driver splits each file's rows and writes them in input-file order, the same
+  Parquet row groups as the local engine.
 - Dependencies: the driver finds the local engine's batches as byte ranges of the input
   (``deps.line_batches``, counting newlines); Ray Data ``map_batches`` over an actor
   pool of ``workers`` parsers (with stanza each takes ``gpus_per_parser`` GPUs) reads,
@@ -17,25 +20,24 @@ local engine (kadapter/trex.py, kadapter/deps.py), scheduled on a Ray cluster.
   Several batches go in one Ray Data block (one task): with one block per batch the
   scheduling left the parser idle ~12 ms between batches, ~11% of the time.
 
-Failed tasks are retried by Ray (a killed worker process included); the results are
-gathered in input order, so the bytes do not depend on scheduling.
+Failed tasks are retried by Ray Data (a killed worker process included, as often as it
+takes); the results are gathered in input order (Ray Data's ``preserve_order``, checked
+on the T-REx file index), so the bytes do not depend on scheduling.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from kadapter import trex
 from kadapter.io import InputError
 
-FAN_IN = 16  # tables merged by one reduce task
-TASK_RETRIES = 3  # a task whose worker died is run again this many times
 MAX_BATCHES_PER_BLOCK = 16  # dependency batches (``batch_size`` lines each) per Ray Data block
 BLOCKS_PER_PARSER = 4  # at least this many blocks per parser actor, when there are batches enough
 
@@ -61,90 +63,171 @@ def ray_session(address: str | None, workers: int) -> Iterator[None]:
         ray.shutdown()
 
 
-def _remote(function, **options):
-    import ray
-
-    return ray.remote(max_retries=TASK_RETRIES, retry_exceptions=False, **options)(function)
-
-
 # --------------------------------------------------------------------------- T-REx
 
 
-def _scan(path: str, seed: int, dev_fraction: float, exclude: frozenset[str],
-          on_error: str, skip_docids: frozenset[str]) -> tuple[trex.FileScan, pa.Table, pa.Table]:
-    """``trex.scan_table`` for one file: (scan without its counter, candidates, counts)."""
-    scan, table = trex.scan_table(path, seed, dev_fraction, exclude, on_error, skip_docids)
-    counts = pa.table({"entity": pa.array(list(scan.entity_counts), pa.string()),
-                       "count": pa.array(list(scan.entity_counts.values()), pa.int64())})
-    scan.entity_counts = None
-    return scan, trex.SPILL_SCHEMA.empty_table() if table is None else table, counts
+def data_context(dataset: Any, progress: bool = False) -> Any:
+    """Set this project's Ray Data options on a source dataset's own context (the
+    datasets made from it share it): results in input order, and aggregations as one
+    map task per block and one reduce task (the sort-based pull shuffle: with no key it
+    sorts nothing; the default hash shuffle starts aggregator actors, ~4 s each time)."""
+    from ray.data.context import ShuffleStrategy
+
+    context = dataset.context
+    context.execution_options.preserve_order = True
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    context.enable_progress_bars = progress
+    return dataset
 
 
-def _sum_counts(*tables: pa.Table) -> pa.Table:
-    merged = pa.concat_tables(tables).group_by("entity").aggregate([("count", "sum")])
-    return merged.rename_columns(["entity", "count"])
+def _scan_files(batch: pa.Table, seed: int, dev_fraction: float, exclude: frozenset[str],
+                on_error: str) -> pa.Table:
+    """Pass 1 on the files of a batch (``trex.scan_table``), one row per file: its index,
+    the pickled scan (stats, error, docid hashes), its entity mention counts and its
+    candidates, as Arrow list columns."""
+    import pickle
+
+    rows = []
+    for file, path, skip in zip(batch["file"].to_pylist(), batch["path"].to_pylist(),
+                                batch["skip"].to_pylist()):
+        scan, table = trex.scan_table(path, seed, dev_fraction, exclude, on_error,
+                                      frozenset(skip))
+        counts, scan.entity_counts = scan.entity_counts, None
+        table = trex.SPILL_SCHEMA.empty_table() if table is None else table
+        rows.append(pa.table({
+            "file": pa.array([file], pa.int32()),
+            "scan": pa.array([pickle.dumps(scan)], pa.binary()),
+            "entity": _one_list(pa.array(list(counts), pa.string())),
+            "count": _one_list(pa.array(list(counts.values()), pa.int64())),
+            "candidates": _one_list(table.to_struct_array().combine_chunks()),
+        }))
+    return pa.concat_tables(rows)
 
 
-def _merge_pairs(*tables: pa.Table) -> pa.Table:
-    return trex.distinct_pairs(pa.concat_tables(tables))
+def _one_list(values: pa.Array) -> pa.ListArray:
+    """A list column of one row holding ``values``."""
+    return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
 
 
-def _filter(table: pa.Table, kept_entities: pa.Array) -> tuple[pa.Table, pa.Table, int]:
-    table = trex.entity_filter(table, kept_entities)
-    return table, trex.distinct_pairs(table), table.num_rows
+def _without_files(block: pa.Table, files: list[int]) -> pa.Table:
+    return block.filter(pc.invert(pc.is_in(block["file"], value_set=pa.array(files, pa.int32()))))
+
+
+def _candidates(block: pa.Table) -> pa.Table:
+    """The candidate rows of a block of scanned files, with their file index."""
+    lists = block["candidates"].combine_chunks()
+    table = pa.Table.from_struct_array(lists.flatten())
+    files = pc.take(block["file"], pc.list_parent_indices(lists))
+    return table.append_column("file", files)
+
+
+def _filter_block(block: pa.Table, kept_entities: Any) -> pa.Table:
+    import ray
+
+    return trex.entity_filter(_candidates(block), ray.get(kept_entities))
+
+
+def _label_block(block: pa.Table, kept_relations: Any) -> pa.Table:
+    import ray
+
+    return trex.label(block, ray.get(kept_relations))
+
+
+def _sum_counts(table: pa.Table) -> pa.Table:
+    return table.group_by("entity").aggregate([("count", "sum")]).rename_columns(["entity", "count"])
+
+
+def _aggregations() -> tuple[type, type]:
+    """The two Ray Data aggregations of the stage (classes made here: ``ray.data`` is
+    imported only with ``engine: ray``). Each block gives a partial table, and the
+    partial tables are merged: no row of candidates is shuffled."""
+    from ray.data.aggregate import AggregateFnV2
+
+    class EntityCounts(AggregateFnV2):
+        """Mentions per entity over the scanned files: a table (entity, count)."""
+
+        def __init__(self):
+            super().__init__("entity_counts", zero_factory=_no_counts, on=None,
+                             ignore_nulls=False)
+
+        def aggregate_block(self, block: pa.Table) -> pa.Table:
+            return _sum_counts(pa.table({"entity": pc.list_flatten(block["entity"]),
+                                         "count": pc.list_flatten(block["count"])}))
+
+        def combine(self, current: pa.Table, new: pa.Table) -> pa.Table:
+            return _sum_counts(pa.concat_tables([current, new]))
+
+    class DistinctPairs(AggregateFnV2):
+        """The distinct (relation, subject, object) triples of the filtered candidates."""
+
+        def __init__(self):
+            super().__init__("pairs", zero_factory=_no_pairs, on=None, ignore_nulls=False)
+
+        def aggregate_block(self, block: pa.Table) -> pa.Table:
+            return trex.distinct_pairs(block)
+
+        def combine(self, current: pa.Table, new: pa.Table) -> pa.Table:
+            return trex.distinct_pairs(pa.concat_tables([current, new]))
+
+    return EntityCounts, DistinctPairs
+
+
+def _no_counts() -> pa.Table:
+    return pa.table({"entity": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+
+
+def _no_pairs() -> pa.Table:
+    return trex.distinct_pairs(trex.SPILL_SCHEMA.empty_table())
 
 
 class RayTrex:
-    """The T-REx stage's passes as Ray tasks (see ``trex.LocalTrex`` for the local ones)."""
+    """The T-REx stage's passes on Ray Data (see ``trex.LocalTrex`` for the local ones):
+    files -> one row of Arrow list columns per file (its counts and candidates) ->
+    ``Dataset.aggregate`` of the entity counts -> entity filter (candidate rows) ->
+    ``Dataset.aggregate`` of the distinct relation pairs -> relation filter and labels ->
+    the driver splits and writes each file's rows in input order."""
 
     def __init__(self, paths: list, config: trex.TrexConfig, seed: int, progress: bool):
         self.paths, self.config, self.seed, self.progress = paths, config, seed, progress
         self.session = ray_session(config.ray_address, config.workers)
         self.session.__enter__()
-        self.tables: list = []
+        self.scanned = self.filtered = None
 
-    def _tree(self, merge, refs: list):
-        """Reduce object refs of tables with ``merge`` in a tree of tasks; one table back."""
-        import ray
+    def scan(self, skips: dict[int, frozenset[str]],
+             before: dict[int, frozenset[str]] | None = None) -> tuple[Any, int, list]:
+        """Pass 1, one Ray Data task per file (see ``trex.LocalTrex.scan``); the scanned
+        files stay in Ray's object store. With ``before``, only the files whose skips
+        changed are parsed again, and their rows replace the earlier ones."""
+        import pickle
 
-        task = _remote(merge)
-        while len(refs) > 1:
-            refs = [task.remote(*refs[i:i + FAN_IN]) for i in range(0, len(refs), FAN_IN)]
-        return ray.get(refs[0])
-
-    def scan(self, skips: dict[int, frozenset[str]]) -> tuple[Any, int, list]:
-        """Pass 1 as one task per file (see ``trex.LocalTrex.scan``)."""
-        import ray
-
-        from kadapter.progress import progress as progress_bar
+        import ray.data
 
         config = self.config
-        exclude = frozenset(config.exclude_relations)
-        task = _remote(_scan, num_returns=3)
-        results = [task.remote(str(p), self.seed, config.dev_fraction, exclude, config.on_error,
-                               skips.get(i, frozenset()))
-                   for i, p in enumerate(self.paths)]
-        stats, candidates, docids = Counter(), 0, []
-        self.tables, self.count_refs = [], []
-        try:
-            for scan_ref, table_ref, counts_ref in progress_bar(
-                    results, desc="T-REx files", unit="file", disable=not self.progress):
-                scan = ray.get(scan_ref)
-                if scan.error:
-                    raise InputError(*scan.error)
-                stats.update(scan.stats)
-                candidates += scan.candidates
-                docids.append(trex._docids_of(scan))
-                self.tables.append(table_ref)
-                self.count_refs.append(counts_ref)
-        except BaseException:
-            for refs in results:
-                ray.cancel(refs[0], force=True)
-            raise
-        return stats, candidates, docids
+        files = [i for i in range(len(self.paths))
+                 if before is None or skips.get(i, frozenset()) != before.get(i, frozenset())]
+        items = ray.data.from_items(
+            [{"file": i, "path": str(self.paths[i]), "skip": sorted(skips.get(i, ()))}
+             for i in files], override_num_blocks=len(files))
+        scanned = data_context(items, self.progress).map_batches(
+            _scan_files, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={"seed": self.seed, "dev_fraction": config.dev_fraction,
+                       "exclude": frozenset(config.exclude_relations),
+                       "on_error": config.on_error})
+        if before is not None:  # the other files' rows, then the new ones, in file order
+            others = self.scanned.map_batches(_without_files, batch_size=None,
+                                              batch_format="pyarrow", fn_kwargs={"files": files})
+            scanned = others.union(scanned).sort("file")
+        self.scanned = scanned.materialize()
+        rows = self.scanned.select_columns(["file", "scan"]).take_all()
+        scans = [pickle.loads(row["scan"]) for row in sorted(rows, key=lambda r: r["file"])]
+        for scan in scans:  # in input order: the first bad file is the local engine's
+            if scan.error:
+                raise InputError(*scan.error)
+        return trex._totals(scans)
 
     def entity_totals(self, min_count: int) -> tuple[int, int, pa.Array]:
-        totals = self._tree(_sum_counts, self.count_refs)
+        entity_counts, _ = _aggregations()
+        totals = self.scanned.aggregate(entity_counts())["entity_counts"]
         kept = totals.filter(pc.greater_equal(totals["count"], min_count))["entity"]
         kept = pc.take(kept, pc.sort_indices(kept)).combine_chunks()
         return pc.sum(totals["count"]).as_py() or 0, totals.num_rows, kept
@@ -152,25 +235,41 @@ class RayTrex:
     def filter_entities(self, kept_entities: pa.Array) -> tuple[int, dict[str, int]]:
         import ray
 
-        kept_ref = ray.put(kept_entities)
-        task = _remote(_filter, num_returns=3)
-        results = [task.remote(table, kept_ref) for table in self.tables]
-        self.tables = [table for table, _, _ in results]
-        after_entity_filter = sum(ray.get([rows for _, _, rows in results]))
-        pairs = self._tree(_merge_pairs, [pairs for _, pairs, _ in results])
-        return after_entity_filter, trex.pair_counts_of([pairs])
+        _, distinct_pairs = _aggregations()
+        self.filtered = self.scanned.map_batches(
+            _filter_block, batch_size=None, batch_format="pyarrow",
+            fn_kwargs={"kept_entities": ray.put(kept_entities)}).materialize()
+        self.scanned = None
+        pairs = self.filtered.aggregate(distinct_pairs())["pairs"]
+        return self.filtered.count(), trex.pair_counts_of([pairs])
 
     def labelled_parts(self, kept_relations: pa.Array) -> Iterator[list[tuple[str, pa.Table]]]:
+        """Each file's (split, part), in input-file order (files without rows left out)."""
         import ray
 
-        kept_ref = ray.put(kept_relations)
-        task = _remote(trex.label_and_split)
-        results = [task.remote(table, kept_ref) for table in self.tables]
-        for ref in results:  # in input-file order, whatever order they finish in
-            yield ray.get(ref)
+        labelled = self.filtered.map_batches(
+            _label_block, batch_size=None, batch_format="pyarrow",
+            fn_kwargs={"kept_relations": ray.put(kept_relations)})
+        current, pieces = None, []
+        for batch in labelled.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if not batch.num_rows:
+                continue
+            files = batch["file"].to_numpy()
+            # runs of one file (a block can hold several files, a file span blocks)
+            starts = [0, *(np.flatnonzero(files[1:] != files[:-1]) + 1).tolist()]
+            for start, end in zip(starts, [*starts[1:], len(files)]):
+                if files[start] != current:
+                    if current is not None and files[start] < current:
+                        raise AssertionError("Ray Data gave the files out of order")
+                    if pieces:
+                        yield trex.split_parts(pa.concat_tables(pieces).combine_chunks())
+                    current, pieces = files[start], []
+                pieces.append(batch.slice(start, end - start))
+        if pieces:
+            yield trex.split_parts(pa.concat_tables(pieces).combine_chunks())
 
     def close(self) -> None:
-        self.tables = self.count_refs = []
+        self.scanned = self.filtered = None
         self.session.__exit__(None, None, None)
 
 

@@ -25,7 +25,7 @@ sentences.
 Pass 1 (parallel over files) decodes each file into typed structs holding only the
 fields used (msgspec; a file that does not fit them is decoded as plain dicts, where the
 checks name its bad records), counts and collects the candidates: in a spill parquet
-(``engine: local``) or as an Arrow table in Ray's object store (``engine: ray``,
+(``engine: local``) or as Arrow blocks of a Ray Data dataset (``engine: ray``,
 kadapter/ray_engine.py). Passes 2 and 3 (columnar, pyarrow, the same functions for
 both engines) apply the filters and write ``train.parquet`` / ``dev.parquet``. Rows are ordered by input file (sorted paths),
 then docid, sentence, offsets and relation; the bytes do not depend on ``workers`` or
@@ -126,7 +126,7 @@ class TrexConfig:
     """Processes that parse input files in parallel (the output does not depend on it);
     with ``engine: ray`` and no ``ray_address``, the CPUs of the local Ray started."""
     engine: Literal["local", "ray"] = "local"
-    """``local``: a process pool on this machine; ``ray``: Ray tasks and Ray Data on a
+    """``local``: a process pool on this machine; ``ray``: Ray Data (one task per file) on a
     local Ray or a cluster (``ray_address``). Same bytes out either way."""
     ray_address: str | None = None
     """With ``engine: ray``: None starts a local Ray with ``workers`` CPUs; ``auto`` joins
@@ -565,6 +565,15 @@ def _scan_job(job: tuple) -> FileScan:
     return scan_file(*job)
 
 
+def _rescan_job(job: tuple) -> tuple[Counter, FileScan]:
+    """A file scanned again with more documents skipped: (its entity counts in the scan
+    being replaced, found by running that scan again, and the new scan)."""
+    path, spill, seed, dev_fraction, exclude, on_error, before, after = job
+    earlier, _ = scan_table(path, seed, dev_fraction, exclude, on_error, before)
+    return earlier.entity_counts, scan_file(path, spill, seed, dev_fraction, exclude, on_error,
+                                            after)
+
+
 # Passes 2 and 3 on one file's candidates: the same functions for both engines.
 def entity_filter(table: pa.Table, kept_entities: pa.Array) -> pa.Table:
     """The candidates whose subject and object are both kept entities."""
@@ -586,18 +595,26 @@ def pair_counts_of(pair_tables: list[pa.Table]) -> dict[str, int]:
             for row in pairs.group_by("relation").aggregate([([], "count_all")]).to_pylist()}
 
 
-def label_and_split(table: pa.Table, kept_relations: pa.Array) -> list[tuple[str, pa.Table]]:
-    """Relation filter, label column, split: the non-empty (split, part) of one file, in
-    the order they are written."""
+def label(table: pa.Table, kept_relations: pa.Array) -> pa.Table:
+    """Relation filter and label column (the index of the relation in ``kept_relations``)."""
     table = table.filter(pc.is_in(table["relation"], value_set=kept_relations))
     labels = pc.cast(pc.index_in(table["relation"], value_set=kept_relations), pa.int64())
-    table = table.append_column("label", labels)
+    return table.append_column("label", labels)
+
+
+def split_parts(table: pa.Table) -> list[tuple[str, pa.Table]]:
+    """One file's labelled rows -> its non-empty (split, part), in the order they are written."""
     parts = []
     for split, mask in (("train", pc.invert(table["dev"])), ("dev", table["dev"])):
-        part = table.filter(mask).drop_columns(["dev"]).select(OUTPUT_SCHEMA.names)
+        part = table.filter(mask).select(OUTPUT_SCHEMA.names)
         if part.num_rows:
             parts.append((split, part))
     return parts
+
+
+def label_and_split(table: pa.Table, kept_relations: pa.Array) -> list[tuple[str, pa.Table]]:
+    """Relation filter, label column, split: the non-empty (split, part) of one file."""
+    return split_parts(label(table, kept_relations))
 
 
 def _docids_of(scan: FileScan) -> tuple[np.ndarray, np.ndarray]:
@@ -645,6 +662,14 @@ def repeated_docids(paths: list, docids: list[tuple[np.ndarray, np.ndarray]]
             for file, index, docid, earlier in sorted(found)}
 
 
+def _totals(scans: list[FileScan]) -> tuple[Counter, int, list[tuple[np.ndarray, np.ndarray]]]:
+    """Stats, candidates and docid hashes of the files' scans, in input order."""
+    stats: Counter = Counter()
+    for scan in scans:
+        stats.update(scan.stats)
+    return stats, sum(scan.candidates for scan in scans), [_docids_of(scan) for scan in scans]
+
+
 def _with_repeats(skips: dict[int, frozenset[str]], repeated: dict, paths: list
                   ) -> dict[int, frozenset[str]]:
     """The docids each file skips on the next pass 1: those before, plus ``repeated``."""
@@ -664,38 +689,54 @@ class LocalTrex:
         self.spill_dir.mkdir()
         self.all_spills = [str(self.spill_dir / f"{i:06d}.parquet") for i in range(len(paths))]
         self.spills: list[str] = []
+        self.entity_counts: Counter = Counter()
+        self.scans: dict[int, FileScan] = {}  # by file index, without their entity counts
 
-    def scan(self, skips: dict[int, frozenset[str]]
+    def scan(self, skips: dict[int, frozenset[str]],
+             before: dict[int, frozenset[str]] | None = None
              ) -> tuple[Counter, int, list[tuple[np.ndarray, np.ndarray]]]:
         """Pass 1: parse every file (in parallel), count mentions, spill candidates; the
         documents of file i whose docid is in ``skips[i]`` are skipped as duplicates.
-        Returns stats, candidates and each file's docid hashes (``repeated_docids``)."""
+        With ``before`` (the skips of the pass 1 done already) only the files whose skips
+        changed are parsed again, and their earlier counts are taken back.
+        Returns stats, candidates and each file's docid hashes (``repeated_docids``), of
+        all files."""
         from kadapter.progress import progress as progress_bar
 
         config = self.config
-        exclude = frozenset(config.exclude_relations)
-        jobs = [(str(p), s, self.seed, config.dev_fraction, exclude, config.on_error,
-                 skips.get(i, frozenset()))
-                for i, (p, s) in enumerate(zip(self.paths, self.all_spills))]
-        self.entity_counts: Counter = Counter()
-        stats: Counter = Counter()
-        candidates = 0
-        docids = []
+        common = (self.seed, config.dev_fraction, frozenset(config.exclude_relations),
+                  config.on_error)
+        if before is None:
+            files = list(range(len(self.paths)))
+            jobs = [(str(self.paths[i]), self.all_spills[i], *common, skips.get(i, frozenset()))
+                    for i in files]
+            job = _scan_job
+        else:
+            files = [i for i in range(len(self.paths))
+                     if skips.get(i, frozenset()) != before.get(i, frozenset())]
+            jobs = [(str(self.paths[i]), self.all_spills[i], *common, before.get(i, frozenset()),
+                     skips.get(i, frozenset())) for i in files]
+            job = _rescan_job
         bar = progress_bar(total=len(jobs), desc="T-REx files", unit="file",
                            disable=not self.progress)
         if config.workers > 1 and len(jobs) > 1:
             pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(jobs)))
-            scans = pool.imap(_scan_job, jobs)
+            results = pool.imap(job, jobs)
         else:
-            pool, scans = None, map(_scan_job, jobs)
+            pool, results = None, map(job, jobs)
         try:
-            for scan in scans:
-                if scan.error:
-                    raise InputError(*scan.error)
-                self.entity_counts.update(scan.entity_counts)
-                stats.update(scan.stats)
-                candidates += scan.candidates
-                docids.append(_docids_of(scan))
+            for file, result in zip(files, results):
+                if before is not None:
+                    earlier, result = result
+                    self.entity_counts.subtract(earlier)
+                    for entity in earlier:  # entities left with no mention go
+                        if self.entity_counts[entity] <= 0:
+                            del self.entity_counts[entity]
+                if result.error:
+                    raise InputError(*result.error)
+                self.entity_counts.update(result.entity_counts)
+                result.entity_counts = None
+                self.scans[file] = result
                 bar.update()
         finally:
             bar.close()
@@ -703,8 +744,7 @@ class LocalTrex:
                 pool.terminate()  # every result is in (or an error stops the run)
         # minus invalid files
         self.spills = [spill for spill in self.all_spills if Path(spill).exists()]
-        return stats, candidates, docids
-
+        return _totals([self.scans[i] for i in range(len(self.paths))])
 
     def entity_totals(self, min_count: int) -> tuple[int, int, pa.Array]:
         """Mentions, distinct entities, and the sorted kept entities."""
@@ -746,20 +786,18 @@ def build_trex_rc(config: TrexConfig, seed: int, output_dir: str | Path,
         else:
             engine = LocalTrex(paths, config, seed, out, progress)
         try:
-            # Pass 1. A docid met again in a later file is an error, or (skip) a second
-            # pass 1 skips it there.
+            # Pass 1. A docid met again in a later file is an error, or (skip) the files
+            # where it is met again are parsed again, skipping it there.
             skips: dict[int, frozenset[str]] = {}
-            while True:
-                stats, candidates, docids = engine.scan(skips)
-                repeated = repeated_docids(paths, docids)
-                if not repeated:
-                    break
+            stats, candidates, docids = engine.scan(skips)
+            while repeated := repeated_docids(paths, docids):
                 if config.on_error == "raise":
                     (path, index, docid), first = next(iter(repeated.items()))
                     raise InputError(path, f"document {index} (docid {docid})",
                                      f"docid also in {first}: its rows and entity counts "
                                      "would double")
-                skips = _with_repeats(skips, repeated, paths)
+                skips, before = _with_repeats(skips, repeated, paths), skips
+                stats, candidates, docids = engine.scan(skips, before)
             mentions, distinct_entities, kept_entities = engine.entity_totals(
                 config.min_entity_count)
             after_entity_filter, pair_counts = engine.filter_entities(kept_entities)

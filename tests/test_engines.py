@@ -128,7 +128,7 @@ def test_trex_killed_worker_is_retried(tmp_path, repo_root, local_ray):
     killed: list = []
     thread, result = in_background(trex_run, str(dump), tmp_path / "ray", engine="ray",
                                    workers=2)
-    kill_when(lambda: True, "ray::_scan", killed, thread)
+    kill_when(lambda: True, "ray::MapBatches(_scan_files)", killed, thread)
     thread.join()
     assert killed, "no scan task was seen running"
     assert "error" not in result, result.get("error")

@@ -492,3 +492,32 @@ def test_docid_hash_collisions_are_not_repeats(tmp_path, monkeypatch):
     counts = run(tmp_path, [first, second], name="collided", on_error="skip")[0]["counts"]
     assert counts == expected
     assert counts["documents_skipped_by_reason"]["duplicate_docid"] == 1
+
+
+def test_docid_repeated_across_files_parses_only_that_file_again(tmp_path, monkeypatch):
+    """With on_error: skip, a docid met again in a later file makes only that file be
+    parsed again (twice: its earlier counts are taken back), not every file; the output
+    and counts are those of a run without the copy."""
+    docs = [make_doc(f"Q{n}", SENTENCES, [(0, "P17", 1), (2, "P17", 3)]) for n in range(1, 4)]
+    alone = make_doc("Q9", ["[Rome|Q220] is in [Italy|Q38]."], [(0, "P17", 1)])
+    without = run(tmp_path, [write(tmp_path / f"plain/{name}.json", documents) for name, documents
+                             in zip("abcd", ([docs[0]], [docs[1]], [docs[2]], [alone]))],
+                  name="without")
+    paths = [write(tmp_path / f"in/{name}.json", documents) for name, documents
+             in zip("abcd", ([docs[0]], [docs[1]], [docs[2]], [alone, docs[1]]))]
+    parsed: list = []
+    scan_table = trex.scan_table
+
+    def counted(path, *args, **kwargs):
+        parsed.append(Path(path).name)
+        return scan_table(path, *args, **kwargs)
+
+    monkeypatch.setattr(trex, "scan_table", counted)
+    manifest, rows, _ = run(tmp_path, paths, name="repeated", on_error="skip")
+    assert sorted(parsed) == ["a.json", "b.json", "c.json", "d.json", "d.json", "d.json"]
+    assert rows == without[1]
+    counts = manifest["counts"]
+    assert counts["documents_skipped_by_reason"]["duplicate_docid"] == 1
+    for key in ("entity_mentions", "distinct_entities", "entities_kept", "candidates",
+                "examples", "documents_by_split"):
+        assert counts[key] == without[0]["counts"][key], key
