@@ -11,6 +11,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_REAL = REPO.parent / "shared" / "real"
 
 
+# Where the stages write by default; a test writes under its tmp_path instead, so that
+# nothing it leaves behind is reused (or tripped over) by a later run in the same checkout.
+OUTPUT_ROOTS = (REPO / "data/processed", REPO / "runs")
+
+
+def _outputs() -> set[Path]:
+    return {p for root in OUTPUT_ROOTS if root.is_dir() for p in root.glob("*/*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_write_nothing_into_the_checkout():
+    before = _outputs()
+    yield
+    new = sorted(str(p.relative_to(REPO)) for p in _outputs() - before)
+    assert not new, f"tests wrote into the checkout's output directories: {new}"
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -41,6 +41,7 @@ def workspace(tmp_path_factory, repo_root, tiny_model_dir):
         "finetune": {
             "fac_adapter": str(root / "fac-adapter"), "lin_adapter": str(root / "lin-adapter"),
             "output_dir": str(root / "runs"), "results": str(root / "results.md"),
+            "cache_dir": str(root / "features"),
             **{task: {"data_dir": str(root / "data" / directory), **settings}
                for task, directory in SAMPLE_DIRS.items()},
         },

@@ -206,6 +206,7 @@ def finetune_workspace(tmp_path_factory, repo_root, tiny_model_dir):
                   "tiny_corpus": str(repo_root / "data/sample")},
         "finetune": {"fac_adapter": str(root / "fac-adapter"), "lin_adapter": str(root / "lin-adapter"),
                      "output_dir": str(root / "runs"), "results": str(root / "results.md"),
+                     "cache_dir": str(root / "features"),
                      **{task: {"data_dir": str(root / "data" / directory), **settings}
                         for task, directory in SAMPLE_DIRS.items()}},
     }
