@@ -255,6 +255,7 @@ def workspace(tmp_path_factory, repo_root, tiny_model_dir):
             "serial_fac_adapter": str(root / "serial-fac-adapter"),
             "serial_lin_adapter": str(root / "missing-adapter"),
             "output_dir": str(root / "runs"), "results": str(root / "results.md"),
+            "cache_dir": str(root / "features"),
             "typing": {"data_dir": str(root / "data/openentity"), "max_length": 48, "batch_size": 8,
                        "learning_rate": 1e-3, "max_steps": 4, "eval_every": 2, "log_every": 1,
                        "save_every": 0},
