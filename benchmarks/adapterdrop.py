@@ -3,6 +3,8 @@ its adapter layers at the lowest positions dropped, measured in the same run.
 
     python benchmarks/adapterdrop.py                          # tiny and RoBERTa-large shapes, CPU
     python benchmarks/adapterdrop.py --shapes large --batch-size 32 --length 128   # a GPU
+    python benchmarks/adapterdrop.py --tasks sample           # per task, the tiny shape, CPU
+    python benchmarks/adapterdrop.py --tasks paper --shapes large --batch-size 8   # per task, a GPU
 
 The model is the fine-tuning model's forward up to the combined features: the encoder,
 two adapters (fac, lin: 3 adapter layers each at positions 0, 11, 23; 2 transformer
@@ -20,6 +22,12 @@ every layer), so the ceiling is set by the adapters' share of the forward FLOPs,
 beside the measured ratio ("expected" = full FLOPs / FLOPs left, matmuls only). Results
 are merged into ``runs/bench/adapterdrop.json`` (a run of the same device and shape is
 replaced).
+
+``--tasks PRESET``: one run per fine-tuning task of the preset, at the task's own input
+shape: its ``max_length`` and sequences per example (CommonsenseQA 5 choices, CosmosQA 4,
+the others 1); examples/s then counts task examples (a multiple-choice example is all
+its choices), ``--batch-size`` examples a forward (default 16; on a CPU the paper
+preset's lengths at the large shape take minutes a setting: run that on a GPU).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ SHAPES = {
 }
 POSITIONS = [0, 11, 23]
 DROPS = [[], [0], [0, 11]]
+SEQUENCES_PER_EXAMPLE = {"csqa": 5, "cosmosqa": 4}  # multiple choice: one sequence per choice
 OUTPUT = Path("runs/bench/adapterdrop.json")
 
 
@@ -74,10 +83,24 @@ def forward(model: KAdapterModel, combiner: Combiner, batch: dict[str, torch.Ten
     return combiner(out.last_hidden_state, out.adapter_outputs)
 
 
-def run_shape(name: str, args, device: torch.device) -> dict:
+def task_shapes(preset: str) -> list[dict]:
+    """(task, tokens per sequence, sequences per example) of the preset's fine-tuning tasks."""
+    from kadapter.config import load_config, resolve_preset
+
+    finetune = load_config(resolve_preset(preset)).finetune
+    return [{"task": task, "length": getattr(finetune, task).max_length,
+             "sequences": SEQUENCES_PER_EXAMPLE.get(task, 1)} for task in finetune.tasks]
+
+
+def run_shape(name: str, args, device: torch.device, task: dict | None = None) -> dict:
+    """One shape's three settings; with ``task``, batches of that task's examples."""
     shape = SHAPES[name]
-    batch_size = args.batch_size or shape["batch"]
-    length = args.length or shape["length"]
+    if task is None:
+        examples = batch_size = args.batch_size or shape["batch"]
+        length = args.length or shape["length"]
+    else:
+        examples, length = args.batch_size or 16, task["length"]
+        batch_size = examples * task["sequences"]
     torch.manual_seed(0)
     encoder = build_encoder(shape["encoder"])
     hidden, layers = encoder.config.hidden_size, encoder.config.num_hidden_layers
@@ -112,12 +135,15 @@ def run_shape(name: str, args, device: torch.device) -> dict:
     for drop, (label, measured) in zip(DROPS, times.items()):
         flops = full_flops - 2 * len(drop) * layer_flops
         settings[label] = {"dropped_positions": drop, "median_s": statistics.median(measured),
-                           "examples_per_s": batch_size / statistics.median(measured),
+                           "examples_per_s": examples / statistics.median(measured),
                            "expected_speedup": full_flops / flops}
     full = settings["full"]["examples_per_s"]
     for entry in settings.values():
         entry["speedup"] = entry["examples_per_s"] / full
-    return {"shape": name, "device": str(device), "batch_size": batch_size, "length": length,
+    return {"shape": name, "device": str(device), **({"task": task["task"], "examples": examples,
+                                                      "sequences_per_example": task["sequences"]}
+                                                     if task else {}),
+            "batch_size": batch_size, "length": length,
             "hidden": hidden, "encoder_layers": layers, "adapter_size": shape["adapter_size"],
             "adapters": 2, "positions": POSITIONS, "reps": args.reps,
             "threads": torch.get_num_threads(),
@@ -130,16 +156,24 @@ def main() -> None:
     parser.add_argument("--shapes", default="tiny,large", help="comma-separated: tiny, large")
     parser.add_argument("--batch-size", type=int, default=None, help="default: per shape (tiny 16, large 2)")
     parser.add_argument("--length", type=int, default=None, help="tokens per example (default 64)")
+    parser.add_argument("--tasks", default=None, metavar="PRESET",
+                        help="one run per fine-tuning task of this preset (sample, paper or a path), "
+                             "at the task's length and choices; default --shapes tiny")
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    args.shapes_given = any(a == "--shapes" or a.startswith("--shapes=") for a in sys.argv[1:])
     device = torch.device(args.device)
+    shapes = args.shapes if args.tasks is None or args.shapes_given else "tiny"
+    jobs = [(name.strip(), task) for name in shapes.split(",")
+            for task in (task_shapes(args.tasks) if args.tasks else [None])]
     runs = []
-    for name in args.shapes.split(","):
-        result = run_shape(name.strip(), args, device)
+    for name, task in jobs:
+        result = run_shape(name, args, device, task)
         runs.append(result)
-        print(f"{name} shape on {device} (hidden {result['hidden']}, {result['encoder_layers']} layers, "
+        what = f"{task['task']}, " if task else ""
+        print(f"{what}{name} shape on {device} (hidden {result['hidden']}, {result['encoder_layers']} layers, "
               f"2 adapters x 3 layers {result['adapter_size']} wide; batch {result['batch_size']} x "
               f"{result['length']} tokens; adapters {100 * result['adapter_flops_share']:.1f}% of the "
               f"forward FLOPs; {result['threads']} threads, median of {result['reps']})")
@@ -148,7 +182,10 @@ def main() -> None:
             print(f"  {('drop ' + label) if label != 'full' else label:<10} {entry['examples_per_s']:>11.2f} "
                   f"{entry['speedup']:>7.3f}x {entry['expected_speedup']:>8.3f}x")
     previous = read_json(OUTPUT).get("runs", []) if OUTPUT.is_file() else []
-    kept = [r for r in previous if (r["device"], r["shape"]) not in {(n["device"], n["shape"]) for n in runs}]
+    def key(run: dict) -> tuple:
+        return run["device"], run["shape"], run.get("task")
+
+    kept = [r for r in previous if key(r) not in {key(n) for n in runs}]
     atomic_write_json(OUTPUT, {"runs": kept + runs, "versions": versions()})
     print(f"wrote {OUTPUT}")
 
