@@ -409,9 +409,35 @@ def save_adapter(
     verbatim so the head can be rebuilt. ``extra`` adds top-level keys to the config (e.g.
     ``converted_from``). The directory is replaced atomically.
     """
+    return write_adapter_dir(
+        directory, adapter, {"positions_convention": POSITION_CONVENTION,
+                             "adapter": dataclasses.asdict(adapter.config)},
+        base_model=base_model, encoder_config=encoder_config, task=task, head_state=head_state,
+        base_model_revision=base_model_revision, extra=extra)
+
+
+def write_adapter_dir(
+    directory: str | Path,
+    module: nn.Module,
+    fields: dict[str, Any],
+    *,
+    base_model: str,
+    encoder_config: Any,
+    task: dict[str, Any],
+    head_state: dict[str, torch.Tensor] | None = None,
+    base_model_revision: str | None = None,
+    extra: dict[str, Any] | None = None,
+    card_title: str | None = None,
+    card_load_snippet: str | None = None,
+) -> Path:
+    """The adapter directory every adapter kind writes: ``adapter.safetensors`` (``module``'s
+    weights as ``adapter.*``, the head's as ``head.*``), ``adapter_config.json`` (format,
+    base model, encoder shape, then the kind's own ``fields``, the parameter count, ``task``
+    and ``extra``) and a model card (its title and load snippet replaceable). The
+    directory is replaced atomically."""
     from kadapter.hub import adapter_card, model_revision, write_card
 
-    tensors = {f"adapter.{k}": v for k, v in adapter.state_dict().items()}
+    tensors = {f"adapter.{k}": v for k, v in module.state_dict().items()}
     tensors.update({f"head.{k}": v for k, v in (head_state or {}).items()})
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     config = {
@@ -425,9 +451,8 @@ def save_adapter(
             "hidden_size": encoder_config.hidden_size,
             "num_hidden_layers": encoder_config.num_hidden_layers,
         },
-        "positions_convention": POSITION_CONVENTION,
-        "adapter": dataclasses.asdict(adapter.config),
-        "parameters": count_parameters(adapter),
+        **fields,
+        "parameters": count_parameters(module),
         "task": task,
         **(extra or {}),
     }
@@ -435,7 +460,10 @@ def save_adapter(
     with atomic_output_dir(directory, stage="adapter") as tmp:
         atomic_save_safetensors(tensors, tmp / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
         atomic_write_json(tmp / ADAPTER_CONFIG_FILE, config)
-        write_card(tmp, adapter_card(config))
+        card = adapter_card(config)
+        card.title = card_title or card.title
+        card.load_snippet = card_load_snippet or card.load_snippet
+        write_card(tmp, card)
     return directory
 
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kadapter.io import atomic_output_dir, atomic_save_safetensors, atomic_write_json, read_json
+from kadapter.io import read_json
 
 KIND = "serial"
 SUBMODULE = "serial_adapters"
@@ -232,47 +232,19 @@ def save_serial_adapter(directory: str | Path, adapters: SerialAdapters, *, base
     """Write a serial adapter directory (the K-Adapter layout with ``kind: serial``):
     ``adapter_config.json``, ``adapter.safetensors`` (``adapter.*`` and ``head.*``) and a
     model card. Replaced atomically."""
-    from kadapter.hub import adapter_card, model_revision, write_card
-    from kadapter.modeling import (
-        ADAPTER_CONFIG_FILE,
-        ADAPTER_WEIGHTS_FILE,
-        FORMAT_VERSION,
-        count_parameters,
-    )
+    from kadapter.modeling import write_adapter_dir
 
-    tensors = {f"adapter.{k}": v for k, v in adapters.state_dict().items()}
-    tensors.update({f"head.{k}": v for k, v in (head_state or {}).items()})
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    config = {
-        "format": "kadapter-adapter",
-        "format_version": FORMAT_VERSION,
-        "kind": KIND,
-        "base_model": base_model,
-        "base_model_revision": base_model_revision or model_revision(
-            getattr(encoder_config, "_name_or_path", "") or base_model),
-        "encoder": {
-            "model_type": getattr(encoder_config, "model_type", None),
-            "hidden_size": encoder_config.hidden_size,
-            "num_hidden_layers": encoder_config.num_hidden_layers,
-        },
-        "placement": "Houlsby et al. 2019: after the attention and the feed-forward output "
-                     "projections (and their dropout) of every layer, before residual + LayerNorm",
-        "serial": dataclasses.asdict(adapters.config),
-        "parameters": count_parameters(adapters),
-        "task": task,
-    }
-    directory = Path(directory)
-    with atomic_output_dir(directory, stage="adapter") as tmp:
-        atomic_save_safetensors(tensors, tmp / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
-        atomic_write_json(tmp / ADAPTER_CONFIG_FILE, config)
-        card = adapter_card(config)
-        card.title = f"Serial (Houlsby) {task.get('name', '?')} adapter"
-        card.load_snippet = (
-            "from kadapter.serial import load_serial_adapter\n"
-            "loaded = load_serial_adapter('DIR', encoder)  # inserted into the encoder"
-        )
-        write_card(tmp, card)
-    return directory
+    return write_adapter_dir(
+        directory, adapters,
+        {"kind": KIND,
+         "placement": "Houlsby et al. 2019: after the attention and the feed-forward output "
+                      "projections (and their dropout) of every layer, before residual + LayerNorm",
+         "serial": dataclasses.asdict(adapters.config)},
+        base_model=base_model, encoder_config=encoder_config, task=task, head_state=head_state,
+        base_model_revision=base_model_revision,
+        card_title=f"Serial (Houlsby) {task.get('name', '?')} adapter",
+        card_load_snippet="from kadapter.serial import load_serial_adapter\n"
+                          "loaded = load_serial_adapter('DIR', encoder)  # inserted into the encoder")
 
 
 @dataclass
