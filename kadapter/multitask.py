@@ -88,8 +88,8 @@ from kadapter.training import (
     batch_order,
     batch_plan,
     make_accelerator,
-    precision_of,
     train,
+    training_summary,
 )
 
 STAGE = "pretrain-multitask"
@@ -455,19 +455,9 @@ def run_multitask(config: Config, resume: bool = False) -> dict[str, Any]:
         "mix": {"shares": {"fac": section.fac_share, "lin": section.lin_share},
                 "examples_per_step": counts, "steps_per_epoch": steps_per_epoch,
                 "seen": examples_seen(result.global_step, steps_per_epoch, counts, schedule, lengths)},
-        "training": {"steps": result.global_step, "tokens": result.tokens,
-                     "train_seconds": round(result.train_seconds, 3),
-                     "tokens_per_s": round(result.tokens_per_s, 1),
-                     "wall_seconds": round(time.time() - started, 3),
-                     "processes": accelerator.num_processes,
-                     "batch": {**result.batch.to_dict(),
-                               "examples_left_per_epoch": len(train_data) - steps_per_epoch
-                               * section.batch_size},
-                     "device": str(accelerator.device),
-                     "mixed_precision": accelerator.mixed_precision,
-                     "precision": precision_of(section).to_dict(),
-                     "resumed_from": result.resumed_from, "best_step": result.best_step,
-                     "resumed_config_changes": result.config_changes},
+        "training": training_summary(
+            result, section, accelerator, started,
+            examples_left_per_epoch=len(train_data) - steps_per_epoch * section.batch_size),
         "dev_metrics": result.dev_metrics,
         "kadapter_cost": kadapter_cost,
         "outputs": [*ENCODER_FILES, "tokenizer", HEADS_FILE, HEADS_CONFIG_FILE, "metrics.jsonl",

@@ -754,6 +754,26 @@ class TrainResult:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
+def training_summary(result: TrainResult, config: TrainingConfig, accelerator: Any, started: float,
+                     examples_left_per_epoch: int | None = None) -> dict[str, Any]:
+    """A knowledge-stage manifest's ``training`` section: steps, tokens and their rate,
+    processes and batch, device and precision, resume and selection. ``started`` is the
+    stage's ``time.time()`` at its start; ``examples_left_per_epoch`` replaces the loop's
+    count where the stage schedules its own epochs."""
+    left = result.examples_left_per_epoch if examples_left_per_epoch is None else examples_left_per_epoch
+    return {"steps": result.global_step, "tokens": result.tokens,
+            "train_seconds": round(result.train_seconds, 3),
+            "tokens_per_s": round(result.tokens_per_s, 1),
+            "wall_seconds": round(time.time() - started, 3),
+            "processes": accelerator.num_processes,
+            "batch": {**result.batch.to_dict(), "examples_left_per_epoch": left},
+            "device": str(accelerator.device),
+            "mixed_precision": accelerator.mixed_precision,
+            "precision": precision_of(config).to_dict(),
+            "resumed_from": result.resumed_from, "best_step": result.best_step,
+            "resumed_config_changes": result.config_changes}
+
+
 # --------------------------------------------------------------------------- the loop
 
 
