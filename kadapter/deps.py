@@ -827,6 +827,17 @@ def head_labels_batch(
     ]
 
 
+def check_records(path: str | Path, first: int, records: Sequence[Mapping[str, Any]]) -> None:
+    """``check_record`` on a chunk of a file's records starting at record ``first``; the
+    first bad one is an InputError naming the file and the record."""
+    for offset, record in enumerate(records):
+        try:
+            check_record(record, first + offset)
+        except (TypeError, ValueError) as err:
+            raise InputError(path, first + offset, str(err).removeprefix(
+                f"record {first + offset}: ")) from None
+
+
 def check_record(record: Mapping[str, Any], index: int = 0) -> None:
     """Raise ValueError, naming the record, unless its words are ordered spans of ``text``
     and its heads are 0..n."""

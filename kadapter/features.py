@@ -454,15 +454,10 @@ def fac_chunk(tokenizer: Any, path: Path, first: int, batch: pa.RecordBatch,
 def lin_chunk(tokenizer: Any, path: Path, first: int, batch: pa.RecordBatch,
               max_length: int) -> Chunk:
     """Dependency rows -> the features of ``kadapter.pretrain.lin_features``."""
-    from kadapter.deps import check_record, head_labels_batch
+    from kadapter.deps import check_records, head_labels_batch
 
     rows = batch.to_pylist()
-    for offset, row in enumerate(rows):
-        try:
-            check_record(row, first + offset)
-        except (TypeError, ValueError) as err:
-            raise InputError(path, first + offset, str(err).removeprefix(
-                f"record {first + offset}: ")) from None
+    check_records(path, first, rows)
     ids, labels, lengths, kept, counts = [], [], [], [], Counter()
     for offset, labelled in enumerate(head_labels_batch(rows, tokenizer, max_length)):
         counts["rows"] += 1

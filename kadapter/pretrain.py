@@ -219,16 +219,11 @@ def fac_features(path: Path, tokenizer, max_length: int, relations: list[str]
 
 def lin_features(path: Path, tokenizer, max_length: int) -> tuple[FeatureTable, dict[str, int]]:
     """Dependency rows -> token ids with head-position labels at words' first sub-tokens."""
-    from kadapter.deps import check_record, head_labels_batch
+    from kadapter.deps import check_records, head_labels_batch
 
     out, counts = [], Counter()
     for first, rows in progress_chunks(read_rows(path, LIN_COLUMNS), desc=f"tokenize {path.name}"):
-        for offset, row in enumerate(rows):
-            try:
-                check_record(row, first + offset)
-            except (TypeError, ValueError) as err:
-                raise InputError(path, first + offset, str(err).removeprefix(
-                    f"record {first + offset}: ")) from None
+        check_records(path, first, rows)
         for labelled in head_labels_batch(rows, tokenizer, max_length):
             counts["rows"] += 1
             counts.update(labelled.stats)
