@@ -28,6 +28,17 @@ def tests_write_nothing_into_the_checkout():
     assert not new, f"tests wrote into the checkout's output directories: {new}"
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a shared CPU they spin."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

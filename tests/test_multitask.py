@@ -31,13 +31,7 @@ from kadapter.pretrain import head_settings
 from kadapter.training import PadCollator
 from tests.workspace import save_random_adapters
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
