@@ -4,6 +4,7 @@ fine-tuning variant, bad configs."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -274,3 +275,17 @@ def test_fine_tuning_without_a_multitask_run_names_the_make_target(tmp_path):
     with pytest.raises(ConfigError, match="make pretrain-multitask") as err:
         run_finetune(config, "typing", "multitask")
     assert "\n" not in str(err.value) and str(tmp_path / "absent") in str(err.value)
+
+
+def test_multitask_training_under_bf16_autocast(sample_dirs):
+    """The CUDA precision path (bf16 autocast, fp32 master weights) on CPU: it trains and scores."""
+    manifest = run_multitask(sample_config(sample_dirs, "bf16", "--bf16", "true", "--max_steps", "2",
+                                           "--batch_size", "8", "--log_every", "1", "--save_every", "0"))
+    training = manifest["training"]
+    assert training["mixed_precision"] == "bf16"
+    assert training["precision"]["decided_by"] == "config: bf16: true"
+    assert training["steps"] == 2
+    assert set(manifest["dev_metrics"]) == {"fac_accuracy", "fac_micro_f1", "fac_macro_f1", "lin_uas"}
+    assert all(math.isfinite(v) for v in manifest["dev_metrics"].values())
+    weights = load_file(sample_dirs / "bf16" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values())  # master weights stay fp32
