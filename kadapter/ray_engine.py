@@ -180,6 +180,41 @@ def _no_pairs() -> pa.Table:
     return trex.distinct_pairs(trex.SPILL_SCHEMA.empty_table())
 
 
+def _scans_of(block: pa.Table) -> list[tuple[int, Any]]:
+    """The (file index, scan) of each file of a scanned block."""
+    import pickle
+
+    return [(file, pickle.loads(scan))
+            for file, scan in zip(block["file"].to_pylist(), block["scan"].to_pylist())]
+
+
+def _checked_in_order(scanned: Any) -> tuple[Any, dict[int, Any]]:
+    """Run the scan; return the scanned dataset (materialized: its blocks stay in the
+    object store) and each file's scan. As each block comes out (in input order) a small
+    task takes out its scans: the first file with an error stops the run (the scans
+    still running are cancelled) and is reported, the same file as on the local engine."""
+    import ray
+    import ray.data
+
+    scans_of = ray.remote(num_cpus=0)(_scans_of)  # not queued behind the scans for a CPU
+    blocks, scans = [], {}
+    bundles = scanned.iter_internal_ref_bundles()
+    try:
+        for bundle in bundles:
+            for block in bundle.block_refs:
+                for file, scan in ray.get(scans_of.remote(block)):
+                    if scan.error:
+                        raise InputError(*scan.error)
+                    scans[file] = scan
+                blocks.append(block)
+    finally:
+        # After an error, the scans still running stop: Ray Data shuts its executor down
+        # when the last reference to the bundle iterator goes (the traceback would keep
+        # this frame's reference for as long as the error is held).
+        del bundles
+    return data_context(ray.data.from_arrow_refs(blocks)), scans
+
+
 class RayTrex:
     """The T-REx stage's passes on Ray Data (see ``trex.LocalTrex`` for the local ones):
     files -> one row of Arrow list columns per file (its counts and candidates) ->
@@ -192,14 +227,13 @@ class RayTrex:
         self.session = ray_session(config.ray_address, config.workers)
         self.session.__enter__()
         self.scanned = self.filtered = None
+        self.scans: dict[int, Any] = {}  # file index -> its scan (``trex.FileScan``)
 
     def scan(self, skips: dict[int, frozenset[str]],
              before: dict[int, frozenset[str]] | None = None) -> tuple[Any, int, list]:
         """Pass 1, one Ray Data task per file (see ``trex.LocalTrex.scan``); the scanned
         files stay in Ray's object store. With ``before``, only the files whose skips
         changed are parsed again, and their rows replace the earlier ones."""
-        import pickle
-
         import ray.data
 
         config = self.config
@@ -208,22 +242,18 @@ class RayTrex:
         items = ray.data.from_items(
             [{"file": i, "path": str(self.paths[i]), "skip": sorted(skips.get(i, ()))}
              for i in files], override_num_blocks=len(files))
-        scanned = data_context(items, self.progress).map_batches(
+        scanned, scans = _checked_in_order(data_context(items, self.progress).map_batches(
             _scan_files, batch_size=1, batch_format="pyarrow",
             fn_kwargs={"seed": self.seed, "dev_fraction": config.dev_fraction,
                        "exclude": frozenset(config.exclude_relations),
-                       "on_error": config.on_error})
+                       "on_error": config.on_error}))
+        self.scans.update(scans)
         if before is not None:  # the other files' rows, then the new ones, in file order
             others = self.scanned.map_batches(_without_files, batch_size=None,
                                               batch_format="pyarrow", fn_kwargs={"files": files})
-            scanned = others.union(scanned).sort("file")
-        self.scanned = scanned.materialize()
-        rows = self.scanned.select_columns(["file", "scan"]).take_all()
-        scans = [pickle.loads(row["scan"]) for row in sorted(rows, key=lambda r: r["file"])]
-        for scan in scans:  # in input order: the first bad file is the local engine's
-            if scan.error:
-                raise InputError(*scan.error)
-        return trex._totals(scans)
+            scanned = data_context(others.union(scanned).sort("file").materialize())
+        self.scanned = scanned
+        return trex._totals([self.scans[i] for i in range(len(self.paths))])
 
     def entity_totals(self, min_count: int) -> tuple[int, int, pa.Array]:
         entity_counts, _ = _aggregations()

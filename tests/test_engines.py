@@ -161,6 +161,58 @@ def test_trex_bad_input_as_on_the_local_engine(tmp_path, repo_root, local_ray):
     assert counts["documents_skipped_by_reason"]["malformed_document"] == 1
 
 
+class OpenedFiles:
+    """The names of the files opened in a directory, by any process, while in the
+    ``with`` block (Linux inotify through libc; no cooperation from the code watched)."""
+
+    IN_OPEN, IN_NONBLOCK = 0x20, 0o4000
+
+    def __init__(self, directory: Path):
+        self.directory, self.names = directory, set()
+
+    def __enter__(self) -> OpenedFiles:
+        import ctypes
+
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(self.IN_NONBLOCK)
+        if self.fd < 0 or self.libc.inotify_add_watch(
+                self.fd, str(self.directory).encode(), self.IN_OPEN) < 0:
+            pytest.skip("inotify is not available here")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import struct
+
+        data = b""
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                break
+            data += chunk
+        os.close(self.fd)
+        while data:  # struct inotify_event: wd, mask, cookie, len, then the name
+            _, _, _, length = struct.unpack_from("iIII", data)
+            if length:  # an event on the directory itself has no name
+                self.names.add(data[16:16 + length].rstrip(b"\0").decode())
+            data = data[16 + length:]
+
+
+def test_trex_first_bad_file_stops_the_scan(tmp_path, repo_root, local_ray):
+    """With on_error: raise, a bad first file is reported as soon as it is parsed, and
+    the files after it are not parsed (Ray Data, left to itself, parsed them all first;
+    each takes ~0.1 s here), then or afterwards."""
+    dump = generated_dump(tmp_path / "dump", repo_root, files=16, copies=4)  # ~5.6 MB a file
+    (dump / "part-000.json").write_bytes(b'[{"docid": ')
+    for engine in ("local", "ray"):
+        with OpenedFiles(dump) as opened:
+            with pytest.raises(InputError, match="part-000.json"):
+                trex_run(str(dump), tmp_path / engine, engine=engine, workers=2)
+            time.sleep(1.5)  # time enough for scans still running to open the other files
+        assert "part-000.json" in opened.names
+        assert len(opened.names) <= 8, (engine, sorted(opened.names))
+
+
 def test_trex_docid_repeated_across_files_as_on_the_local_engine(tmp_path, repo_root, local_ray):
     """A document of one file again in a later one: the same error on both engines under
     raise; under skip the same counted skip and the bytes of a run without the copy."""
