@@ -22,7 +22,8 @@ import psutil
 
 
 class ProcessTreeCPU:
-    """``with ProcessTreeCPU() as cpu: ...`` then ``cpu.seconds`` (user + system)."""
+    """``with ProcessTreeCPU() as cpu: ...`` then ``cpu.seconds`` (user + system), and
+    ``cpu.driver_seconds``, this process's own part of it."""
 
     def __init__(self, interval: float = 0.1):
         self.interval = interval
@@ -31,7 +32,7 @@ class ProcessTreeCPU:
         self.last: dict[tuple[int, float], float] = {}
         self.parents: dict[tuple[int, float], int] = {}
         self.sampler_seconds = 0.0
-        self.seconds = 0.0
+        self.seconds = self.driver_seconds = 0.0
 
     def _sample(self, into: dict[tuple[int, float], float]) -> None:
         processes = [self.me]
@@ -80,15 +81,24 @@ class ProcessTreeCPU:
                         + self._reaped() - self.reaped_before
                         - sum(self.first.get(k, 0.0) for k in mine)
                         - self.sampler_seconds)
+        me = next(k for k in final if k[0] == self.me.pid)
+        self.driver_seconds = final[me] - self.first[me] - self.sampler_seconds
 
 
 def timed(function: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, float, Any]:
     """(wall seconds, CPU-seconds of the process tree, result) of ``function(...)``."""
+    wall, cpu, _, result = timed_with_driver(function, *args, **kwargs)
+    return wall, cpu, result
+
+
+def timed_with_driver(function: Callable[..., Any], *args: Any,
+                      **kwargs: Any) -> tuple[float, float, float, Any]:
+    """(wall seconds, CPU-seconds of the process tree, of this process alone, result)."""
     with ProcessTreeCPU() as cpu:
         started = time.perf_counter()
         result = function(*args, **kwargs)
         wall = time.perf_counter() - started
-    return wall, cpu.seconds, result
+    return wall, cpu.seconds, cpu.driver_seconds, result
 
 
 def marginal(small: list[tuple[float, float]], full: list[tuple[float, float]],
