@@ -1,6 +1,6 @@
 """Local engine vs Ray, both data stages, on the same generated input.
 
-    python benchmarks/engines.py [--trex-mb 48] [--deps-lines 2400] [--workers 1 2]
+    python benchmarks/engines.py [--trex-mb 192] [--deps-lines 7200] [--workers 1 2]
         [--repeats 3] [--stages trex deps]
 
 For each worker count N the two engines take turns, ``--repeats`` rounds (the first
@@ -79,8 +79,10 @@ def deps_job(input_dir: Path, out: Path, engine: str, workers: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trex-mb", type=float, default=48.0)
-    parser.add_argument("--deps-lines", type=int, default=2400)
+    # Smaller inputs add too little marginal work (~2 CPU-seconds of T-REx at 192 MB) to
+    # stand out from the spread of the fixed costs (a second or more with Ray).
+    parser.add_argument("--trex-mb", type=float, default=192.0)
+    parser.add_argument("--deps-lines", type=int, default=7200)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stages", nargs="+", choices=("trex", "deps"), default=["trex", "deps"])
