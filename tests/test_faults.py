@@ -484,6 +484,10 @@ def _private_tqdm_lock() -> None:
 
 def _quiet(target, args):
     _private_tqdm_lock()  # a fresh one: a parent thread may have held the old one at fork
+    # The parent's OpenMP threads (torch uses one per physical core) are not in the child:
+    # a parallel region there waits for them forever (a hang or a crash seen on 2 cores).
+    # One thread keeps torch out of OpenMP regions.
+    torch.set_num_threads(1)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stderr stays: a child's traceback shows
     target(*args)
 
