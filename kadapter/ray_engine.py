@@ -6,14 +6,14 @@ local engine (kadapter/trex.py, kadapter/deps.py), scheduled on a Ray cluster.
   entity counts and candidates as Arrow list columns: Arrow blocks in Ray's object
   store, no spill file). The driver looks at each file's scan as its block comes out,
   in input order, so the first bad file stops the run (the scans still running are
-  cancelled) and is the one the local engine reports. ``Dataset.aggregate`` with two custom aggregations sums the
-  entity counts and collects the distinct (relation, subject, object) pairs: each block
-  gives a partial table, one reduce task merges them (the sort-based pull shuffle,
-  which with no key moves only the partial tables; Ray Data's default hash shuffle
-  starts aggregator actors, ~4 s per aggregation on a 2-CPU local Ray). The entity
-  filter and the relation filter and labels are ``map_batches`` steps over the blocks;
-  the driver splits each file's rows and writes them in input-file order, the same
-  Parquet row groups as the local engine.
+  cancelled) and is the one the local engine reports. ``Dataset.aggregate`` with two
+  custom aggregations sums the entity counts and collects the distinct (relation,
+  subject, object) pairs: each block gives a partial table, one reduce task merges
+  them (the sort-based pull shuffle, which with no key moves only the partial tables;
+  Ray Data's default hash shuffle starts aggregator actors, ~4 s per aggregation on a
+  2-CPU local Ray). The entity filter and the relation filter and labels are
+  ``map_batches`` steps over the blocks; the driver splits each file's rows and writes
+  them in input-file order, the same Parquet row groups as the local engine.
 - Dependencies: the driver finds the local engine's batches as byte ranges of the input
   (``deps.line_batches``, counting newlines); Ray Data ``map_batches`` over an actor
   pool of ``workers`` parsers (with stanza each takes ``gpus_per_parser`` GPUs) reads,
