@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -496,6 +497,55 @@ def _config_section(config: dict[str, Any], key: str, path: Path) -> dict[str, A
     return value
 
 
+def check_fits_encoder(directory: Path, config: dict[str, Any], actual: dict[str, int],
+                       what: str = "adapter") -> None:
+    """An AdapterLoadError unless the saved ``encoder`` section matches ``actual``
+    (hidden_size, num_hidden_layers) of the encoder it is loaded onto."""
+    expected = _config_section(config, "encoder", directory / ADAPTER_CONFIG_FILE)
+    mismatched = {k: (expected.get(k), v) for k, v in actual.items() if expected.get(k) != v}
+    if mismatched:
+        details = ", ".join(f"{k}: adapter built for {a}, encoder has {b}"
+                            for k, (a, b) in mismatched.items())
+        raise AdapterLoadError(f"{directory}: {what} does not fit this encoder ({details}); "
+                               f"it was trained on {config.get('base_model')!r}")
+
+
+@contextlib.contextmanager
+def section_errors(config_path: Path, key: str,
+                   errors: tuple[type, ...] = (ValueError,)) -> Iterator[None]:
+    """A ConfigError (or another of ``errors``) raised while building from the config's
+    section ``key`` becomes an AdapterLoadError naming the file and the key."""
+    try:
+        yield
+    except errors as err:  # ConfigError is a ValueError
+        if isinstance(err, AdapterLoadError):
+            raise
+        problem = str(err).removeprefix(f"{config_path}:{key}").lstrip(":. ")
+        raise AdapterLoadError(f"{config_path}: key {key!r}: {problem}") from None
+
+
+def build_section(cls: type, config: dict[str, Any], key: str, config_path: Path) -> Any:
+    """The dataclass ``cls`` from the adapter config's section ``key``."""
+    from kadapter.config import build  # local: config imports this module's dataclasses
+
+    return build(cls, _config_section(config, key, config_path), f"{config_path}:{key}")
+
+
+def read_adapter_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor],
+                                                    dict[str, torch.Tensor]]:
+    """(weights path, adapter state, head state) of an adapter directory's safetensors."""
+    weights_path = directory / ADAPTER_WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise AdapterLoadError(f"{directory}: {ADAPTER_WEIGHTS_FILE} missing")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise AdapterLoadError(f"{weights_path}: cannot read weights ({err})") from err
+    adapter_state = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+    head_state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    return weights_path, adapter_state, head_state
+
+
 def load_adapter(directory: str | Path, encoder_config: Any, revision: str | None = None) -> LoadedAdapter:
     """Load an adapter directory (or a Hub id: ``owner/name[@revision]``) for an encoder
     with ``encoder_config``; fail clearly on a missing or corrupt file or on an encoder of
@@ -508,38 +558,12 @@ def load_adapter(directory: str | Path, encoder_config: Any, revision: str | Non
     if config.get("kind", "kadapter") != "kadapter":
         raise AdapterLoadError(f"{directory}: a {config.get('kind')!r} adapter, not a K-Adapter "
                                "(a serial one loads with kadapter.serial.load_serial_adapter)")
-    expected = _config_section(config, "encoder", config_path)
-    actual = {"hidden_size": encoder_config.hidden_size,
-              "num_hidden_layers": encoder_config.num_hidden_layers}
-    mismatched = {k: (expected.get(k), v) for k, v in actual.items() if expected.get(k) != v}
-    if mismatched:
-        details = ", ".join(f"{k}: adapter built for {a}, encoder has {b}"
-                            for k, (a, b) in mismatched.items())
-        raise AdapterLoadError(
-            f"{directory}: adapter does not fit this encoder ({details}); it was trained on "
-            f"{config.get('base_model')!r}"
-        )
-    from kadapter.config import build  # local: config imports this module's dataclasses
-
-    try:
-        adapter_config = build(AdapterConfig, _config_section(config, "adapter", config_path),
-                               f"{config_path}:adapter")
-        adapter = KnowledgeAdapter(adapter_config, encoder_config.hidden_size,
-                                   encoder_config.num_hidden_layers)
-    except (ValueError, TypeError) as err:  # ConfigError is a ValueError
-        if isinstance(err, AdapterLoadError):
-            raise
-        problem = str(err).removeprefix(f"{config_path}:adapter").lstrip(":. ")
-        raise AdapterLoadError(f"{config_path}: key 'adapter': {problem}") from None
-    weights_path = directory / ADAPTER_WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise AdapterLoadError(f"{directory}: {ADAPTER_WEIGHTS_FILE} missing")
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as err:
-        raise AdapterLoadError(f"{weights_path}: cannot read weights ({err})") from err
-    adapter_state = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
-    head_state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    check_fits_encoder(directory, config, {"hidden_size": encoder_config.hidden_size,
+                                           "num_hidden_layers": encoder_config.num_hidden_layers})
+    with section_errors(config_path, "adapter", errors=(ValueError, TypeError)):
+        adapter = KnowledgeAdapter(build_section(AdapterConfig, config, "adapter", config_path),
+                                   encoder_config.hidden_size, encoder_config.num_hidden_layers)
+    weights_path, adapter_state, head_state = read_adapter_weights(directory)
     try:
         adapter.load_state_dict(adapter_state, strict=True)
     except RuntimeError as err:

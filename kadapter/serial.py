@@ -270,17 +270,15 @@ def load_serial_adapter(directory: str | Path, encoder: nn.Module,
     """Read a serial adapter directory (or Hub id) and insert it into ``encoder`` (the
     adapters keep their saved dtype, fp32, on the encoder's device). A missing or corrupt
     file, another kind of adapter or an encoder of another shape is an AdapterLoadError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from kadapter.config import build
     from kadapter.hub import resolve_adapter
     from kadapter.modeling import (
         ADAPTER_CONFIG_FILE,
-        ADAPTER_WEIGHTS_FILE,
         AdapterLoadError,
-        _config_section,
+        build_section,
+        check_fits_encoder,
         read_adapter_config,
+        read_adapter_weights,
+        section_errors,
     )
 
     directory = resolve_adapter(directory, revision)
@@ -289,33 +287,13 @@ def load_serial_adapter(directory: str | Path, encoder: nn.Module,
     if config.get("kind") != KIND:
         raise AdapterLoadError(f"{directory}: a K-Adapter, not a serial adapter (load it with "
                                "kadapter.modeling.load_adapter)")
-    expected = _config_section(config, "encoder", config_path)
-    layers = encoder_layers(encoder)
-    actual = {"hidden_size": encoder.config.hidden_size, "num_hidden_layers": len(layers)}
-    mismatched = {k: (expected.get(k), v) for k, v in actual.items() if expected.get(k) != v}
-    if mismatched:
-        details = ", ".join(f"{k}: adapter built for {a}, encoder has {b}"
-                            for k, (a, b) in mismatched.items())
-        raise AdapterLoadError(f"{directory}: serial adapter does not fit this encoder ({details}); "
-                               f"it was trained on {config.get('base_model')!r}")
-    try:
-        shape = build(SerialAdapterConfig, _config_section(config, "serial", config_path),
-                      f"{config_path}:serial")
-    except ValueError as err:  # ConfigError is a ValueError
-        if isinstance(err, AdapterLoadError):
-            raise
-        problem = str(err).removeprefix(f"{config_path}:serial").lstrip(":. ")
-        raise AdapterLoadError(f"{config_path}: key 'serial': {problem}") from None
-    weights_path = directory / ADAPTER_WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise AdapterLoadError(f"{directory}: {ADAPTER_WEIGHTS_FILE} missing")
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as err:
-        raise AdapterLoadError(f"{weights_path}: cannot read weights ({err})") from err
-    adapters = SerialAdapters(shape, actual["hidden_size"], actual["num_hidden_layers"])
-    adapter_state = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
-    head_state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    hidden_size, layers = encoder.config.hidden_size, len(encoder_layers(encoder))
+    check_fits_encoder(directory, config, {"hidden_size": hidden_size, "num_hidden_layers": layers},
+                       what="serial adapter")
+    with section_errors(config_path, "serial"):
+        shape = build_section(SerialAdapterConfig, config, "serial", config_path)
+    weights_path, adapter_state, head_state = read_adapter_weights(directory)
+    adapters = SerialAdapters(shape, hidden_size, layers)
     try:
         adapters.load_state_dict(adapter_state, strict=True)
     except RuntimeError as err:
